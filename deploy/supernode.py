@@ -1,0 +1,28 @@
+"""Deploy a Flower SuperNode on each site: `pyinfra INVENTORY deploy/supernode.py`.
+
+Acts on the hosts in the inventory's `supernodes` group and leaves the others
+alone. Preflight checks the whole inventory and each host before any change.
+The site's data folder is only checked, never written.
+"""
+
+from melody_deploy.install import install_service_user, install_venv
+from melody_deploy.plan import prepare
+from melody_deploy.service import install_unit, run_service, supernode_check_script
+from melody_deploy.settings import SUPERNODE
+from melody_deploy.units import SUPERNODE_UNIT, render_supernode_unit
+
+# flwr logs this once the SuperNode has registered with the SuperLink.
+CONNECTED_LOG_LINE = "SuperNode ID:"
+
+plan = prepare(SUPERNODE)
+
+if plan is not None:
+    state_dir = plan.settings["melody_supernode_state_dir"]
+    install_service_user(plan, home=state_dir, folders=[state_dir, f"{state_dir}/flwr"])
+    venv = install_venv(plan)
+    unit = install_unit(SUPERNODE_UNIT, render_supernode_unit(plan.host, plan.paths))
+    run_service(
+        SUPERNODE_UNIT,
+        changes=[venv, unit],
+        check_script=supernode_check_script(SUPERNODE_UNIT, CONNECTED_LOG_LINE),
+    )

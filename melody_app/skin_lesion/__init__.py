@@ -1,0 +1,1 @@
+"""Flower app that trains a skin lesion classifier across hospital sites."""

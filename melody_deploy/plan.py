@@ -1,0 +1,70 @@
+"""Preflight for the host pyinfra is preparing, and what the deploy needs next.
+
+pyinfra prepares every host of the inventory before it executes any
+operation, and stops the whole run if preparing one host raises. Raising
+here therefore leaves every host unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyinfra import host, inventory
+
+from . import wheelhouse as wheelhouses
+from .errors import PreflightError
+from .host_facts import PythonPlatform, check_host
+from .preflight import HostSpec, ResolvedHost, validate_inventory
+from .units import HostPaths, host_paths
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """Everything one host's deploy needs: its settings, wheelhouse and paths."""
+
+    host: ResolvedHost
+    wheelhouse: wheelhouses.Wheelhouse
+    paths: HostPaths
+
+    @property
+    def settings(self) -> dict:
+        return self.host.settings
+
+
+def inventory_specs() -> list[HostSpec]:
+    return [
+        HostSpec(name=each.name, groups=tuple(each.groups), data=each.data.dict())
+        for each in inventory
+    ]
+
+
+def prepare(role: str) -> HostPlan | None:
+    """Validate the inventory and this host, build its wheelhouse.
+
+    Return None when this host does not have `role`, so the deploy leaves it
+    alone.
+    """
+    federation = validate_inventory(inventory_specs())
+    try:
+        resolved = federation.host(host.name)
+    except KeyError:
+        return None
+    if resolved.role != role:
+        return None
+
+    problems = check_host(host, role, resolved.settings)
+    if problems:
+        raise PreflightError(problems)
+
+    target = wheelhouses.target_from_fact(host.get_fact(PythonPlatform))
+    cache_root = Path(resolved.settings["melody_wheelhouse_cache"]).resolve()
+    try:
+        built = wheelhouses.build(resolved.settings, target, cache_root)
+    except wheelhouses.WheelhouseError as error:
+        raise PreflightError([f"host {host.name}: {error}"]) from error
+
+    return HostPlan(resolved, built, host_paths(resolved.settings, built.wheelhouse_id))

@@ -1,0 +1,130 @@
+"""Every inventory setting a TRE operator may change, declared once.
+
+Each setting is host data in a pyinfra inventory, with the `melody_` prefix.
+The README's settings table is generated from this list
+(`python -m melody_deploy.settings`), and a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+# Roles that read a setting: every host, the SuperLink, or each SuperNode.
+ALL = "all"
+SUPERLINK = "superlink"
+SUPERNODE = "supernode"
+
+# Marks a setting that has no default and must be set in the inventory.
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One inventory setting: its key, default, type, role and meaning."""
+
+    name: str
+    default: Any
+    kind: type | tuple[type, ...]
+    role: str
+    help: str
+    choices: tuple[Any, ...] = ()
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # Software installed on every host.
+    Setting("melody_flwr_version", "1.42.0", str, ALL,
+            "flwr release installed in the hosts' venv; every host of a federation runs the same one."),
+    Setting("melody_torch_version", "2.13.0", str, ALL,
+            "torch release installed beside flwr for the training app."),
+    Setting("melody_torch_build", "cpu", str, ALL,
+            "torch build for the hosts: `cpu` (small, no GPU) or `cuda` (NVIDIA GPUs, several GB).",
+            choices=("cpu", "cuda")),
+    Setting("melody_pip_download_args", (), (list, tuple), ALL,
+            "Extra `pip download` arguments on the operator's machine, such as the index that serves CPU torch wheels."),
+    Setting("melody_wheelhouse_cache", ".cache/wheelhouse", str, ALL,
+            "Folder on the operator's machine where wheelhouses are built and kept, relative to where pyinfra runs."),
+    Setting("melody_install_dir", "/opt/melody", str, ALL,
+            "Folder on each host for the uploaded wheelhouses and the venvs."),
+    Setting("melody_service_user", "melody", str, ALL,
+            "System user and group that the services run as (created without a login shell)."),
+    Setting("melody_insecure", False, bool, ALL,
+            "Run the Flower APIs without TLS. For a throw-away lab only, never with patient data."),
+    # The SuperLink.
+    Setting("melody_superlink_listen_host", "0.0.0.0", str, SUPERLINK,
+            "Address the SuperLink's HTTP API (Fleet, Control and Runtime) listens on."),
+    Setting("melody_superlink_port", 8000, int, SUPERLINK,
+            "Port of the SuperLink's HTTP API; SuperNodes and researchers connect to it."),
+    Setting("melody_superlink_state_dir", "/var/lib/melody-superlink", str, SUPERLINK,
+            "Persistent folder for the SuperLink's state database and Flower home."),
+    Setting("melody_superlink_log_dir", "/var/log/melody-superlink", str, SUPERLINK,
+            "Folder for the SuperLink's rotated log file."),
+    Setting("melody_log_rotation_hours", 24, int, SUPERLINK,
+            "Hours between rotations of the SuperLink's log file."),
+    Setting("melody_log_backup_count", 90, int, SUPERLINK,
+            "Rotated SuperLink log files kept before the oldest is deleted."),
+    # Each SuperNode.
+    Setting("melody_superlink_address", None, (str, type(None)), SUPERNODE,
+            "`HOST:PORT` of the SuperLink as this SuperNode reaches it; default: the inventory's SuperLink host and port."),
+    Setting("melody_partition_id", REQUIRED, int, SUPERNODE,
+            "Integer id of this site, unique in the federation; passed to the app as `partition-id`."),
+    Setting("melody_data_dir", REQUIRED, str, SUPERNODE,
+            "Absolute path of the site's image folder (with `labels.csv`); the service only reads it."),
+    Setting("melody_supernode_listen_host", "127.0.0.1", str, SUPERNODE,
+            "Address of the SuperNode's local Runtime API, used by its own ClientApp processes."),
+    Setting("melody_supernode_port", 9094, int, SUPERNODE,
+            "Port of the SuperNode's local Runtime API."),
+    Setting("melody_supernode_state_dir", "/var/lib/melody-supernode", str, SUPERNODE,
+            "Persistent folder for the SuperNode's Flower home (installed app bundles)."),
+    Setting("melody_node_config", {}, dict, SUPERNODE,
+            "Extra `--node-config` keys for the app, as a dict of strings, integers or floats."),
+)
+
+BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
+
+
+def settings_for_role(role: str) -> tuple[Setting, ...]:
+    """Return the settings that a host of `role` reads."""
+    return tuple(s for s in SETTINGS if s.role in (ALL, role))
+
+
+def format_type(setting: Setting) -> str:
+    kinds = setting.kind if isinstance(setting.kind, tuple) else (setting.kind,)
+    names = [kind.__name__ for kind in kinds if kind is not type(None)]
+    text = " or ".join(names)
+    if setting.choices:
+        text += ": " + ", ".join(f"`{choice}`" for choice in setting.choices)
+    return text
+
+
+def format_default(setting: Setting) -> str:
+    if setting.required:
+        return "required"
+    if setting.default is None:
+        return "derived"
+    if isinstance(setting.default, tuple):
+        return f"`{list(setting.default)!r}`"
+    return f"`{setting.default!r}`"
+
+
+def markdown_table() -> str:
+    """Render the settings as the Markdown table that the README carries."""
+    lines = [
+        "| Setting | Hosts | Type | Default | Meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for setting in SETTINGS:
+        lines.append(
+            f"| `{setting.name}` | {setting.role} | {format_type(setting)} "
+            f"| {format_default(setting)} | {setting.help} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown_table())

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install what a fresh Debian 12 machine needs to run the lab, the deploys and
+# the tests: the lab's Debian packages and the project's Python venv (.venv).
+# Safe to re-run: apt and pip skip what is already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_packages=(debootstrap systemd-container openssh-client iproute2 python3-venv)
+missing=()
+for package in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $($python --version)"
+    "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[app,test]'
+echo "setup: done; tools are in .venv/bin"
