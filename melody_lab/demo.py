@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RESULT_PREFIX = "MELODY_RESULT "
+# flwr 1.42's `flwr run` prints this line once the SuperLink accepted the run.
+STARTED_RUN = re.compile(r"Successfully started run (\d+)")
 
 # (step title, wall seconds) of each finished step, printed at the end.
 TIMINGS: list[tuple[str, float]] = []
@@ -56,6 +59,14 @@ def researcher_env(flwr_home: Path) -> dict:
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     return env
+
+
+def parse_run_id(output: str) -> str:
+    """Return the id of the run that `flwr run` started."""
+    match = STARTED_RUN.search(output)
+    if match is None:
+        raise StepFailed("`flwr run` printed no run id; see its output above")
+    return match.group(1)
 
 
 def parse_result(output: str) -> dict:
@@ -103,15 +114,22 @@ def main(argv: list[str] | None = None) -> int:
              "--run-config", f"num-server-rounds={args.rounds}"],
             env=env, capture=True,
         )
-        listing = run_step("run status", [flwr, "ls", "lab", "--format", "json"], env=env, capture=True)
+        run_id = parse_run_id(output)
+        listing = run_step(
+            "run status", [flwr, "ls", "lab", "--run-id", run_id, "--format", "json"],
+            env=env, capture=True,
+        )
+        # `flwr run --stream` exits 0 even when the run failed, so read its status.
+        run = json.loads(listing)["runs"][0]
+        if run["status"] != "finished:completed":
+            raise StepFailed(f"run {run_id} ended {run['status']}: {run.get('status-details')}")
+        result = parse_result(output)
     except StepFailed as error:
         print(f"\ndemo failed: {error}", file=sys.stderr)
         return 1
 
-    runs = json.loads(listing).get("runs", [])
-    print_rounds(parse_result(output))
-    if runs:
-        print(f"\nrun {runs[0].get('run-id')}: status {runs[0].get('status')}")
+    print_rounds(result)
+    print(f"\nrun {run_id}: status {run['status']}")
     print("\nwall time per step:")
     for title, elapsed in TIMINGS:
         print(f"  {title:<24} {elapsed:7.1f} s")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from melody_lab import ssh
-from melody_lab.demo import parse_result
+from melody_lab.demo import parse_result, parse_run_id
 
 pytestmark = pytest.mark.lab
 
@@ -200,11 +200,12 @@ def test_federated_run_completes(deployed, tmp_path):
 
     run = run_flwr(["run", "melody_app", "lab", "--stream", "--run-config", "num-server-rounds=2"],
                    flwr_home, timeout=900)
-    listing = run_flwr(["ls", "lab", "--format", "json"], flwr_home, timeout=60)
-
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    run_id = parse_run_id(run.stdout)
+    listing = run_flwr(["ls", "lab", "--run-id", run_id, "--format", "json"], flwr_home, timeout=60)
+
     runs = json.loads(listing.stdout)["runs"]
-    assert runs, listing.stdout
+    assert len(runs) == 1, listing.stdout
     assert runs[0]["status"] == "finished:completed", runs[0]
 
     result = parse_result(run.stdout)
