@@ -3,11 +3,11 @@
     .venv/bin/python benchmarks/main_job.py [--cold] [--rounds 2]
 
 Starts from no lab. `--cold` also deletes the cached root filesystem and
-wheelhouse, so both are rebuilt. Prints the wall time of: lab up, wheelhouse
-build, first deploy of each role, the no-op second deploy, and the federated
-run, then the peak resident memory of the first SuperNode's service
-processes during the run (summed RSS of the service user's processes,
-sampled every second over SSH). Leaves the lab up.
+wheelhouse, so both are rebuilt. Prints the wall time of each step: lab up,
+wheelhouse build, first deploy of each role, the no-op second deploy, and
+the federated run. Then prints the peak memory of the first SuperNode during
+the run: the summed RSS of the service user's processes, sampled every
+second over SSH, which counts shared pages once per process. Leaves the lab up.
 """
 
 from __future__ import annotations
