@@ -221,6 +221,25 @@ def test_federated_run_completes(deployed, tmp_path):
     assert result["rounds"][-1]["num_examples"] == shard_test_images
 
 
+def test_changed_setting_restarts_that_service(deployed, tmp_path):
+    lab = deployed
+    inventory = write_inventory(tmp_path / "longer_log_retention.py", """\
+        superlink = [(name, {**data, "melody_log_backup_count": 30}) for name, data in superlink]
+    """)
+    before = main_pids(lab)
+
+    changed = pyinfra(inventory, "deploy/superlink.py")
+    after = main_pids(lab)
+    command_line = output_of(lab, "superlink", f"systemctl show --property ExecStart --value {SUPERLINK_UNIT}")
+    restored = pyinfra("inventories/lab.py", "deploy/superlink.py")
+
+    assert_deployed(changed, "deploy/superlink.py with a changed setting")
+    assert_deployed(restored, "deploy/superlink.py with the original settings")
+    assert "--log-rotation-backup-count 30" in command_line
+    assert after["superlink"] != before["superlink"], "the SuperLink was not restarted after its unit changed"
+    assert main_pids(lab)["superlink"] != after["superlink"]
+
+
 def unit_digest(lab, name: str) -> str:
     return output_of(lab, name, f"sha256sum /etc/systemd/system/{SUPERNODE_UNIT}")
 
