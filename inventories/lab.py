@@ -2,7 +2,7 @@
 
 Usage: `pyinfra inventories/lab.py deploy/superlink.py` (and deploy/supernode.py).
 The lab's hosts are throw-away nspawn containers on this machine, so this
-inventory turns TLS off; never copy `melody_insecure` into a TRE inventory.
+inventory turns TLS off with `melody_insecure`.
 """
 
 import json
@@ -14,7 +14,9 @@ state_file = Path(os.environ.get("MELODY_LAB_DIR", repo / ".lab")) / "state.json
 if not state_file.exists():
     raise SystemExit(
         f"lab state {state_file} not found: start the lab first with "
-        f"`.venv/bin/python -m melody_lab up`"
+        f"`.venv/bin/python -m melody_lab up`, or, for a copy of this inventory "
+        f"outside the repository, set MELODY_LAB_DIR to the lab's state folder "
+        f"(the repository's .lab folder)"
     )
 lab = json.loads(state_file.read_text())
 

@@ -16,10 +16,11 @@ from pyinfra import host, inventory
 from . import wheelhouse as wheelhouses
 from .errors import PreflightError
 from .host_facts import PythonPlatform, check_host
-from .preflight import HostSpec, ResolvedHost, validate_inventory
+from .preflight import HostSpec, ResolvedHost, check_tls_available, validate_inventory
 from .units import HostPaths, host_paths
 
-logger = logging.getLogger(__name__)
+# pyinfra prints the records of its own logger in the deploy's output.
+logger = logging.getLogger("pyinfra")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ def prepare(role: str) -> HostPlan | None:
     alone.
     """
     federation = validate_inventory(inventory_specs())
+    check_tls_available(federation)
     try:
         resolved = federation.host(host.name)
     except KeyError:
@@ -56,9 +58,22 @@ def prepare(role: str) -> HostPlan | None:
     if resolved.role != role:
         return None
 
-    problems = check_host(host, role, resolved.settings)
-    if problems:
-        raise PreflightError(problems)
+    # The first host of the role checks the facts of every host of the role,
+    # so one run reports the problems of all sites together. pyinfra stops
+    # the whole run when this raises, whichever host it was raised for.
+    peers = [each for each in [federation.superlink, *federation.supernodes] if each.role == role]
+    if resolved.name == peers[0].name:
+        problems = []
+        for peer in peers:
+            problems += check_host(inventory.get_host(peer.name), role, peer.settings)
+        if problems:
+            raise PreflightError(problems)
+
+    if resolved.settings["melody_insecure"]:
+        logger.warning(
+            "host %s: melody_insecure is True, so %s runs without TLS; lab use only, "
+            "never with patient data", host.name, role,
+        )
 
     target = wheelhouses.target_from_fact(host.get_fact(PythonPlatform))
     cache_root = Path(resolved.settings["melody_wheelhouse_cache"]).resolve()

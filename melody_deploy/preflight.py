@@ -132,9 +132,10 @@ def resolve_settings(spec: HostSpec, role: str, problems: list[str]) -> dict[str
 
         value = spec.data[setting.name]
         if not has_type(value, setting):
+            sample = f", such as {setting.sample!r}" if setting.sample is not None else ""
             problems.append(
                 f"host {spec.name}: setting '{setting.name}' = {value!r} is a "
-                f"{type(value).__name__}; it must be of type {format_type(setting)}"
+                f"{type(value).__name__}; it must be of type {format_type(setting)}{sample}"
             )
             continue
         if setting.choices and value not in setting.choices:
@@ -168,7 +169,7 @@ def check_values(name: str, settings: dict[str, Any], problems: list[str]) -> No
         if path is not None and (not SAFE_PATH.match(path) or "/../" in path + "/"):
             problems.append(
                 f"host {name}: setting '{key}' = {path!r} must be an absolute path of letters, "
-                f"digits and . _ / + - only, without '..'"
+                f"digits and . _ / + - only, without '..', such as {BY_NAME[key].sample!r}"
             )
 
     for key in PORT_SETTINGS:
@@ -301,6 +302,24 @@ def check_federation(federation: Federation, problems: list[str]) -> None:
             f"setting 'melody_flwr_version' differs across the federation ({groups}); Flower "
             f"components must share major.minor, so set one version for every host"
         )
+
+
+def check_tls_available(federation: Federation) -> None:
+    """Raise PreflightError for hosts that ask for TLS, which this deploy cannot set up yet.
+
+    A SuperLink without certificates and without --insecure exits at start,
+    so stopping here keeps the hosts unchanged instead of leaving a
+    restarting service.
+    """
+    problems = [
+        f"host {resolved.name}: setting 'melody_insecure' = False asks for TLS, which this "
+        f"release of the deploy cannot set up yet; set melody_insecure = True to run without "
+        f"TLS, and only in a lab or test federation without patient data"
+        for resolved in [federation.superlink, *federation.supernodes]
+        if not resolved.settings["melody_insecure"]
+    ]
+    if problems:
+        raise PreflightError(problems)
 
 
 def validate_inventory(specs: list[HostSpec]) -> Federation:

@@ -30,10 +30,21 @@ class Setting:
     role: str
     help: str
     choices: tuple[Any, ...] = ()
+    # A valid value for error messages, for settings without a usable default.
+    example: Any = None
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    @property
+    def sample(self) -> Any:
+        """Return a valid value to show in an error message, or None."""
+        if self.example is not None:
+            return self.example
+        if self.required or isinstance(self.default, (tuple, dict)):
+            return None
+        return self.default
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -54,7 +65,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("melody_service_user", "melody", str, ALL,
             "System user and group that the services run as (created without a login shell)."),
     Setting("melody_insecure", False, bool, ALL,
-            "Run the Flower APIs without TLS. For a throw-away lab only, never with patient data."),
+            "Run the Flower APIs without TLS. For a throw-away lab only, never with patient data. "
+            "Until this deploy sets up TLS, preflight rejects `False`."),
     # The SuperLink.
     Setting("melody_superlink_listen_host", "0.0.0.0", str, SUPERLINK,
             "Address the SuperLink's HTTP API (Fleet, Control and Runtime) listens on."),
@@ -70,11 +82,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Rotated SuperLink log files kept before the oldest is deleted."),
     # Each SuperNode.
     Setting("melody_superlink_address", None, (str, type(None)), SUPERNODE,
-            "`HOST:PORT` of the SuperLink as this SuperNode reaches it; default: the inventory's SuperLink host and port."),
+            "`HOST:PORT` of the SuperLink as this SuperNode reaches it; default: the inventory's SuperLink host and port.",
+            example="superlink.example:8000"),
     Setting("melody_partition_id", REQUIRED, int, SUPERNODE,
-            "Integer id of this site, unique in the federation; passed to the app as `partition-id`."),
+            "Integer id of this site, unique in the federation; passed to the app as `partition-id`.",
+            example=0),
     Setting("melody_data_dir", REQUIRED, str, SUPERNODE,
-            "Absolute path of the site's image folder (with `labels.csv`); the service only reads it."),
+            "Absolute path of the site's image folder (with `labels.csv`); the service only reads it.",
+            example="/srv/melody/data"),
     Setting("melody_supernode_listen_host", "127.0.0.1", str, SUPERNODE,
             "Address of the SuperNode's local Runtime API, used by its own ClientApp processes."),
     Setting("melody_supernode_port", 9094, int, SUPERNODE,

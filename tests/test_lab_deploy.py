@@ -254,27 +254,43 @@ def write_inventory(path: Path, body: str) -> Path:
     return path
 
 
-def test_missing_data_dir_stops_before_changes(deployed, tmp_path):
+def test_missing_data_dirs_stop_before_changes(deployed, tmp_path):
     lab = deployed
-    target = supernode_names(lab)[0]
-    inventory = write_inventory(tmp_path / "bad_data_dir.py", f"""\
+    names = supernode_names(lab)
+    # Every SuperNode gets a data folder that does not exist and a new port,
+    # which a deploy that went ahead would apply.
+    inventory = write_inventory(tmp_path / "bad_data_dir.py", """\
         supernodes = [
-            (name, {{**data, "melody_data_dir": "/srv/melody/missing"}}) if name == {target!r}
-            else (name, {{**data, "melody_supernode_port": 9095}})
+            (name, {**data, "melody_data_dir": f"/srv/melody/missing-{name}", "melody_supernode_port": 9095})
             for name, data in supernodes
         ]
     """)
-    before = {name: unit_digest(lab, name) for name in supernode_names(lab)}
+    before = {name: unit_digest(lab, name) for name in names}
     pids = main_pids(lab)
 
     result = pyinfra(inventory, "deploy/supernode.py")
 
     combined = result.stdout + result.stderr
     assert result.returncode != 0
-    assert f"host {target}: setting 'melody_data_dir' = '/srv/melody/missing' does not exist" in combined
+    for name in names:
+        assert f"host {name}: setting 'melody_data_dir' = '/srv/melody/missing-{name}' does not exist" in combined
     assert "no host was changed" in combined
-    # The other SuperNodes' new port was not applied either.
-    assert {name: unit_digest(lab, name) for name in supernode_names(lab)} == before
+    assert {name: unit_digest(lab, name) for name in names} == before
+    assert main_pids(lab) == pids
+
+
+def test_tls_request_stops_before_changes(deployed, tmp_path):
+    lab = deployed
+    inventory = write_inventory(tmp_path / "secure.py", """\
+        superlink = [(name, {**data, "melody_insecure": False}) for name, data in superlink]
+    """)
+    pids = main_pids(lab)
+
+    result = pyinfra(inventory, "deploy/superlink.py")
+
+    combined = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "host superlink: setting 'melody_insecure' = False asks for TLS" in combined
     assert main_pids(lab) == pids
 
 

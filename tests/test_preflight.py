@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from melody_deploy.errors import PreflightError
-from melody_deploy.preflight import HostSpec, validate_inventory
+from melody_deploy.preflight import HostSpec, check_tls_available, validate_inventory
 
 
 def valid_specs() -> list[HostSpec]:
@@ -190,3 +190,28 @@ def test_all_problems_reported_together():
     assert "melody_partition_id" in message
     assert "melody_data_dir" in message
     assert "no host was changed" in message
+
+
+def test_tls_request_rejected_until_supported():
+    federation = validate_inventory(valid_specs())
+
+    with pytest.raises(PreflightError) as caught:
+        check_tls_available(federation)
+
+    message = str(caught.value)
+    for host in ("link", "site-a", "site-b"):
+        assert f"host {host}: setting 'melody_insecure' = False asks for TLS" in message
+
+
+def test_insecure_lab_passes_tls_check():
+    specs = valid_specs()
+    for spec in specs:
+        spec.data["melody_insecure"] = True
+
+    check_tls_available(validate_inventory(specs))
+
+
+def test_type_error_shows_valid_example():
+    message = problems_of(with_data("site-a", melody_partition_id="0"))
+
+    assert "it must be of type int, such as 0" in message
