@@ -58,10 +58,15 @@ def prepare(role: str) -> HostPlan | None:
     if resolved.role != role:
         return None
 
-    # The first host of the role checks the facts of every host of the role,
-    # so one run reports the problems of all sites together. pyinfra stops
-    # the whole run when this raises, whichever host it was raised for.
-    peers = [each for each in [federation.superlink, *federation.supernodes] if each.role == role]
+    # The first active host of the role checks the facts of every active host
+    # of the role (all of them unless pyinfra runs with --limit), so one run
+    # reports the problems of all sites together. pyinfra stops the whole run
+    # when this raises, whichever host it was raised for.
+    active = {active_host.name for active_host in inventory.get_active_hosts()}
+    peers = [
+        peer for peer in [federation.superlink, *federation.supernodes]
+        if peer.role == role and peer.name in active
+    ]
     if resolved.name == peers[0].name:
         problems = []
         for peer in peers:
