@@ -38,8 +38,8 @@ class HostPlan:
 
 def inventory_specs() -> list[HostSpec]:
     return [
-        HostSpec(name=each.name, groups=tuple(each.groups), data=each.data.dict())
-        for each in inventory
+        HostSpec(name=inventory_host.name, groups=tuple(inventory_host.groups), data=inventory_host.data.dict())
+        for inventory_host in inventory
     ]
 
 

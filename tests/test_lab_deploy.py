@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from melody_lab import ssh
-from melody_lab.demo import parse_result, parse_run_id
+from melody_lab.demo import parse_result, parse_run_id, researcher_env
 
 pytestmark = pytest.mark.lab
 
@@ -54,8 +54,8 @@ def supernode_names(lab) -> list[str]:
     return [host.name for host in lab.supernodes]
 
 
-def assert_deployed(result: subprocess.CompletedProcess, what: str) -> None:
-    assert result.returncode == 0, f"{what} failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+def assert_deployed(result: subprocess.CompletedProcess, description: str) -> None:
+    assert result.returncode == 0, f"{description} failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +180,7 @@ def test_second_deploy_changes_nothing(deployed):
 
 
 def run_flwr(args: list[str], flwr_home: Path, timeout: int) -> subprocess.CompletedProcess:
-    env = dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_UPDATE_CHECK="1")
+    env = researcher_env(flwr_home)
     return subprocess.run([str(BIN / "flwr"), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-import runpy
 from pathlib import Path
 
-from melody_deploy.preflight import HostSpec, validate_inventory
+from melody_deploy.preflight import validate_inventory
+from melody_deploy.researcher import load_inventory
 from melody_deploy.settings import SETTINGS, markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,10 +26,7 @@ def test_readme_settings_table_is_generated():
 
 
 def load_example():
-    namespace = runpy.run_path(str(REPO / "inventories" / "tres.py"))
-    specs = [HostSpec(name, ("superlink",), data) for name, data in namespace["superlink"]]
-    specs += [HostSpec(name, ("supernodes",), data) for name, data in namespace["supernodes"]]
-    return specs
+    return load_inventory(REPO / "inventories" / "tres.py")
 
 
 def test_example_inventory_is_valid():
@@ -40,8 +37,8 @@ def test_example_inventory_is_valid():
 
 def test_example_inventory_sets_every_setting_to_its_default():
     specs = load_example()
-    superlink_data = specs[0].data
-    supernode_data = specs[1].data
+    superlink_data = next(spec.data for spec in specs if "superlink" in spec.groups)
+    supernode_data = next(spec.data for spec in specs if "supernodes" in spec.groups)
 
     for setting in SETTINGS:
         data = supernode_data if setting.role == "supernode" else superlink_data
@@ -49,8 +46,8 @@ def test_example_inventory_sets_every_setting_to_its_default():
         # The example must turn TLS off until TLS support lands, and warns about it.
         if setting.required or setting.default is None or setting.name == "melody_insecure":
             continue
-        shown = data[setting.name]
+        listed = data[setting.name]
         default = list(setting.default) if isinstance(setting.default, tuple) else setting.default
-        assert shown == default, (
-            f"inventories/tres.py shows {setting.name} = {shown!r}, but the default is {default!r}"
+        assert listed == default, (
+            f"inventories/tres.py lists {setting.name} = {listed!r}, but the default is {default!r}"
         )
