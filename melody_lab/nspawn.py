@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from melody_lab import cgroups
+from melody_lab.settings import machine_name
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def command(name: str, root: Path, bridge: str) -> list[str]:
         # register the machine or create a scope unit.
         "--register=no",
         "--keep-unit",
-        f"--machine={name}",
+        f"--machine={machine_name(name)}",
         f"--directory={root}",
         f"--network-bridge={bridge}",
         # Allows the bpf() call, which systemd needs inside the host to apply
@@ -77,7 +78,7 @@ def is_running(pid: int | None, name: str) -> bool:
     if stat.rsplit(")", 1)[1].split()[0] == "Z":
         return False
     return (os.path.basename(arguments[0]) == b"systemd-nspawn"
-            and f"--machine={name}".encode() in arguments)
+            and f"--machine={machine_name(name)}".encode() in arguments)
 
 
 def _reap(pid: int) -> None:
@@ -134,7 +135,7 @@ def remove_propagate_dir(name: str) -> None:
 
     /run on this machine is no tmpfs, so nothing else clears it.
     """
-    folder = PROPAGATE_DIR / name
+    folder = PROPAGATE_DIR / machine_name(name)
     if folder.exists():
         for current, folders, files in os.walk(folder, topdown=False):
             for file in files:
