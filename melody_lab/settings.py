@@ -9,7 +9,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Several labs can run side by side on one machine, each from its own checkout
 # with its own MELODY_LAB_INSTANCE (one to four lowercase letters or digits)
 # and MELODY_LAB_SUBNET. The instance keeps the bridge, cgroups and machine
-# names of the labs apart; unset, the names below are used as they are.
+# names of the labs apart. Unset, the names below are used as they are.
 INSTANCE = os.environ.get("MELODY_LAB_INSTANCE", "")
 if INSTANCE and not re.fullmatch(r"[a-z0-9]{1,4}", INSTANCE):
     raise SystemExit(f"MELODY_LAB_INSTANCE={INSTANCE!r} is invalid: use one to four lowercase letters or digits")
