@@ -9,7 +9,7 @@ from melody_deploy.install import install_service_user, install_venv
 from melody_deploy.plan import prepare
 from melody_deploy.service import install_unit, run_service, supernode_check_script
 from melody_deploy.settings import SUPERNODE
-from melody_deploy.units import SUPERNODE_UNIT, render_supernode_unit
+from melody_deploy.units import AUDIT_SUBDIR, SUPERNODE_UNIT, render_supernode_unit
 
 # flwr logs this once the SuperNode has registered with the SuperLink.
 CONNECTED_LOG_LINE = "SuperNode ID:"
@@ -18,7 +18,9 @@ plan = prepare(SUPERNODE)
 
 if plan is not None:
     state_dir = plan.settings["melody_supernode_state_dir"]
-    install_service_user(plan, home=state_dir, folders=[state_dir, f"{state_dir}/flwr"])
+    install_service_user(
+        plan, home=state_dir, folders=[state_dir, f"{state_dir}/flwr", f"{state_dir}/{AUDIT_SUBDIR}"],
+    )
     venv = install_venv(plan)
     unit = install_unit(SUPERNODE_UNIT, render_supernode_unit(plan.host, plan.paths))
     run_service(

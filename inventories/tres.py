@@ -64,6 +64,10 @@ superlink = [
             # Hours between log rotations, and rotated files kept.
             "melody_log_rotation_hours": 24,
             "melody_log_backup_count": 90,
+            # Snapshots of the state database: folder, systemd schedule, and how many are kept.
+            "melody_superlink_backup_dir": "/var/backups/melody-superlink",
+            "melody_superlink_backup_calendar": "daily",
+            "melody_superlink_backup_count": 30,
         },
     ),
 ]

@@ -56,7 +56,7 @@ def venv_install_script(plan: HostPlan) -> str:
         # Fail here, not at service start, if the venv contains another flwr.
         f"""installed=$({venv}/bin/python -c "import importlib.metadata as m; print(m.version('flwr'))")""",
         f'test "$installed" = {version} || {{ echo "venv has flwr $installed, expected {version}" >&2; exit 1; }}',
-        f"{venv}/bin/python -c 'import torch, numpy, PIL'",
+        f"{venv}/bin/python -c 'import torch, numpy, PIL, melody_audit.supernode, systemd.journal'",
         f"echo {plan.wheelhouse.wheelhouse_id} > {plan.paths.venv_marker}",
     ])
 

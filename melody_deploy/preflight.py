@@ -28,6 +28,8 @@ SAFE_NODE_CONFIG_VALUE = re.compile(r"^[A-Za-z0-9._/+:@-]*$")
 NODE_CONFIG_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
 USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 TORCH_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
+# The backup timer's schedule goes into a unit file: one line, no `%` specifiers.
+BACKUP_CALENDAR = re.compile(r"^[A-Za-z0-9*:,/.~ -]+$")
 
 # Node config keys that the deploy sets itself from other settings.
 RESERVED_NODE_CONFIG_KEYS = ("partition-id", "num-partitions", "data-dir")
@@ -38,6 +40,7 @@ PATH_SETTINGS = (
     "melody_superlink_log_dir",
     "melody_supernode_state_dir",
     "melody_data_dir",
+    "melody_superlink_backup_dir",
 )
 PORT_SETTINGS = ("melody_superlink_port", "melody_supernode_port")
 
@@ -184,10 +187,18 @@ def check_values(name: str, settings: dict[str, Any], problems: list[str]) -> No
             f"name; use lower-case letters, digits, '_' and '-', starting with a letter"
         )
 
-    for key in ("melody_log_rotation_hours", "melody_log_backup_count"):
+    for key in ("melody_log_rotation_hours", "melody_log_backup_count", "melody_superlink_backup_count"):
         count = settings.get(key)
         if count is not None and count < 1:
             problems.append(f"host {name}: setting '{key}' = {count} must be 1 or more")
+
+    calendar = settings.get("melody_superlink_backup_calendar")
+    if calendar is not None and not BACKUP_CALENDAR.match(calendar):
+        problems.append(
+            f"host {name}: setting 'melody_superlink_backup_calendar' = {calendar!r} is not a "
+            f"systemd OnCalendar= expression of letters, digits, spaces and * - : , / . ~; "
+            f"use for example 'daily' or '*-*-* 02:00:00'"
+        )
 
     for arg in settings.get("melody_pip_download_args", ()):
         if not isinstance(arg, str):

@@ -98,6 +98,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Persistent folder for the SuperNode's Flower home (installed app bundles)."),
     Setting("melody_node_config", {}, dict, SUPERNODE,
             "Extra `--node-config` keys for the app, as a dict of strings, integers or floats."),
+    # Audit records: the SuperLink's database backup.
+    Setting("melody_superlink_backup_dir", "/var/backups/melody-superlink", str, SUPERLINK,
+            "Folder on the SuperLink host for snapshots of its state database."),
+    Setting("melody_superlink_backup_calendar", "daily", str, SUPERLINK,
+            "systemd `OnCalendar=` schedule of the state database backup, such as `daily` or `*-*-* 02:00:00`."),
+    Setting("melody_superlink_backup_count", 30, int, SUPERLINK,
+            "Snapshots of the state database kept before the oldest is deleted."),
 )
 
 BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}

@@ -27,6 +27,13 @@ OFFLINE_ENVIRONMENT = {
 }
 
 
+# The SuperNode's egress record, inside its state folder so the sandbox lets it write.
+AUDIT_SUBDIR = "audit"
+# Seconds a SuperNode may take to register with the SuperLink before systemd
+# counts the start as failed.
+SUPERNODE_START_TIMEOUT = 120
+
+
 @dataclass(frozen=True)
 class HostPaths:
     """Paths of the deploy's files on one host."""
@@ -106,6 +113,8 @@ def superlink_context(host: ResolvedHost, paths: HostPaths) -> dict:
         "read_write_paths": [state_dir, log_dir],
         "read_only_paths": [],
         "protect_home": "yes",
+        "service_type": "simple",
+        "start_lines": [],
         "insecure": settings["melody_insecure"],
         "flwr_version": settings["melody_flwr_version"],
     }
@@ -124,15 +133,33 @@ def supernode_context(host: ResolvedHost, paths: HostPaths) -> dict:
     return {
         "description": f"MELODY Flower SuperNode (partition {settings['melody_partition_id']})",
         "user": settings["melody_service_user"],
-        "executable": f"{paths.venv}/bin/flower-supernode",
+        **audited_supernode(paths.venv, state_dir),
         "args": args,
-        "environment": environment(settings, paths.venv, f"{state_dir}/flwr"),
         "working_directory": state_dir,
         "read_write_paths": [state_dir],
         "read_only_paths": [settings["melody_data_dir"]],
         "protect_home": protect_home(settings["melody_data_dir"]),
         "insecure": settings["melody_insecure"],
         "flwr_version": settings["melody_flwr_version"],
+    }
+
+
+def audited_supernode(venv: str, state_dir: str) -> dict:
+    """Return the unit values that run the SuperNode under melody_audit's launcher.
+
+    The launcher records every reply message in `state_dir`/audit and tells
+    systemd (Type=notify) that the service is ready only once it has
+    registered with the SuperLink; until then `systemctl start` waits, up to
+    the start timeout, after which Restart= tries again.
+    """
+    return {
+        "executable": f"{venv}/bin/python -m melody_audit.supernode",
+        "environment": {
+            **environment({}, venv, f"{state_dir}/flwr"),
+            "MELODY_AUDIT_DIR": f"{state_dir}/{AUDIT_SUBDIR}",
+        },
+        "service_type": "notify",
+        "start_lines": [f"TimeoutStartSec={SUPERNODE_START_TIMEOUT}"],
     }
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
+from . import local_wheels
+
 logger = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parent.parent / "melody_app"
@@ -155,7 +157,10 @@ def build(settings: dict, target: Target, cache_root: Path, app_dir: Path = APP_
     """Build the wheelhouse for one target, or reuse the cached one."""
     lines = requirements(settings, app_dir)
     extra_args = list(settings["melody_pip_download_args"])
-    folder = cache_root / cache_key(lines, target, extra_args)
+    problem = local_wheels.target_problem(target)
+    if problem is not None:
+        raise WheelhouseError(problem)
+    folder = cache_root / cache_key(lines + local_wheels.recipe(), target, extra_args)
 
     with build_lock:
         if (folder / MANIFEST_FILE).exists():
@@ -181,6 +186,11 @@ def build(settings: dict, target: Target, cache_root: Path, app_dir: Path = APP_
                 + ("; ".join(errors) or result.stderr[-2000:])
                 + ". Check melody_flwr_version, melody_torch_version and melody_pip_download_args."
             )
+
+        try:
+            local_wheels.build(folder)
+        except RuntimeError as error:
+            raise WheelhouseError(str(error)) from error
 
         wheels = write_lock(folder)
         check_torch_build(wheels, settings["melody_torch_build"])

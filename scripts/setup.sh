@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(debootstrap systemd-container openssh-client iproute2 python3-venv)
+# gcc, pkg-config, libsystemd-dev and python3-dev compile systemd-python for the
+# hosts' wheelhouse (it has no binary wheels).
+apt_packages=(debootstrap systemd-container openssh-client iproute2 python3-venv
+    gcc pkg-config libsystemd-dev python3-dev)
 missing=()
 for package in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \

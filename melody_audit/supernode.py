@@ -1,0 +1,131 @@
+"""Run flwr's SuperNode with its egress record and systemd notifications.
+
+    python -m melody_audit.supernode [flower-supernode arguments]
+
+takes the same arguments as `flower-supernode` and runs it in this process,
+so signals, exit codes and `Restart=` behave as with `flower-supernode`
+itself. Before it starts, two functions of flwr's SuperNode loop are
+wrapped: the Fleet connection (to learn when the node has registered) and
+the push of reply messages (to record each one). Both are private names of
+flwr; the launcher refuses to start on a flwr release it has not been
+checked against, so no message can leave unrecorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+from .egress import EgressRecorder, MessagePushAudit
+from .notify import ServiceStatus, sd_notify
+
+logger = logging.getLogger("melody_audit.supernode")
+
+# flwr releases whose `start_client_internal` module has the functions that
+# are wrapped here with the signatures used below.
+CHECKED_FLWR_VERSIONS = ("1.42.0",)
+AUDIT_DIR_ENV = "MELODY_AUDIT_DIR"
+# Exit code when the egress record cannot be set up; systemd's Restart=
+# retries it like any other failure.
+EXIT_AUDIT_UNAVAILABLE = 3
+
+
+def configure_logging() -> None:
+    # flwr's own logger has its handler; this package logs beside it to stderr,
+    # which systemd puts in the unit's journal.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    package_logger = logging.getLogger("melody_audit")
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+    package_logger.propagate = False
+
+
+def superlink_address(argv: list[str]) -> str:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--superlink", default="127.0.0.1:9092")
+    known, _ = parser.parse_known_args(argv)
+    return known.superlink
+
+
+def install_hooks(recorder: EgressRecorder, status: ServiceStatus) -> None:
+    """Wrap flwr's Fleet connection and reply push with the audit's recorders."""
+    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree  # pylint: disable=import-outside-toplevel
+    from flwr.supernode import start_client_internal as loop  # pylint: disable=import-outside-toplevel
+
+    original_connection = loop.http_request_response
+    original_push_messages = loop._push_messages  # pylint: disable=protected-access
+    connection = {"node_id": None}
+
+    @contextlib.contextmanager
+    def audited_connection(*args, **kwargs):
+        with original_connection(*args, **kwargs) as conn:
+            connection["node_id"] = conn[0]
+            logger.info("registered with SuperLink %s as node %s", status.superlink, conn[0])
+            status.update(state="connected", node_id=conn[0])
+            yield conn
+        status.update(state="disconnected")
+
+    def tree_order(object_tree) -> list[str]:
+        return [tree.object_id for tree in iterate_object_tree(object_tree)]
+
+    def audited_push_messages(*, state, object_store, send, push_object):
+        audit = MessagePushAudit(recorder, connection["node_id"], tree_order)
+        try:
+            original_push_messages(
+                state=state,
+                object_store=object_store,
+                send=audit.wrap_send(send),
+                push_object=audit.wrap_push_object(push_object),
+            )
+        finally:
+            audit.write_records()
+
+    loop.http_request_response = audited_connection
+    loop._push_messages = audited_push_messages  # pylint: disable=protected-access
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    configure_logging()
+
+    flwr_version = version("flwr")
+    if flwr_version not in CHECKED_FLWR_VERSIONS:
+        logger.error(
+            "flwr %s is not one of the releases the egress record was checked against (%s); "
+            "install one of those, or check and extend melody_audit first",
+            flwr_version, ", ".join(CHECKED_FLWR_VERSIONS),
+        )
+        sys.exit(EXIT_AUDIT_UNAVAILABLE)
+
+    audit_dir = os.environ.get(AUDIT_DIR_ENV)
+    if not audit_dir:
+        logger.error("%s is not set; set it to a folder the service may write, such as its state folder", AUDIT_DIR_ENV)
+        sys.exit(EXIT_AUDIT_UNAVAILABLE)
+
+    status = ServiceStatus(superlink_address(argv))
+    try:
+        recorder = EgressRecorder(Path(audit_dir), status.superlink, on_record=status.on_record)
+    except OSError as error:
+        logger.error("egress record folder %s cannot be used: %s", audit_dir, error)
+        sys.exit(EXIT_AUDIT_UNAVAILABLE)
+    install_hooks(recorder, status)
+    status.update()
+
+    from flwr.supernode.cli import flower_supernode  # pylint: disable=import-outside-toplevel
+
+    logger.info("starting the flwr %s SuperNode for SuperLink %s", flwr_version, status.superlink)
+    sys.argv = ["flower-supernode", *argv]
+    try:
+        flower_supernode()
+    finally:
+        sd_notify("STOPPING=1")
+
+
+if __name__ == "__main__":
+    main()
