@@ -35,6 +35,7 @@ class PendingMessage:
     """A reply message between its `send` and the end of its object uploads."""
 
     metadata: Any
+    round: str
     object_order: list[str]
     to_push: set[str]
     # Object id -> its content, kept by reference (bytes are immutable) until
@@ -80,7 +81,7 @@ class EgressRecorder:
                     "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                     "run_id": metadata.run_id,
                     "message_type": metadata.message_type,
-                    "round": metadata.group_id,
+                    "round": pending.round,
                     "message_id": metadata.message_id,
                     "reply_to": metadata.reply_to_message_id,
                     "node_id": node_id,
@@ -126,6 +127,53 @@ class EgressRecorder:
         journal.send(message, SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER, **journal_fields(record))
 
 
+class RoundTracker:
+    """Finds the round of each instruction message from its `server-round` config value.
+
+    flwr 1.42's strategies leave `group_id` empty and put the round number in
+    the instruction's ConfigRecord, which the SuperNode pulls as one object.
+    Only ConfigRecord objects are parsed, never arrays or other content.
+    """
+
+    # Instructions remembered at most; a reply normally follows within seconds.
+    MAX_TRACKED = 1000
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.owner: dict[str, str] = {}
+        self.rounds: dict[str, str] = {}
+
+    def note_instruction(self, message_id: str, object_ids: list[str]) -> None:
+        with self.lock:
+            if len(self.owner) > self.MAX_TRACKED * 50:
+                self.owner.clear()
+            for object_id in object_ids:
+                self.owner[object_id] = message_id
+
+    def note_object(self, object_id: str, content: bytes) -> None:
+        from flwr.app import ConfigRecord  # pylint: disable=import-outside-toplevel
+        from flwr.supercore.inflatable.inflatable_object import (  # pylint: disable=import-outside-toplevel
+            get_object_type_from_object_content,
+        )
+
+        message_id = self.owner.get(object_id)
+        if message_id is None or get_object_type_from_object_content(content) != "ConfigRecord":
+            return
+        value = ConfigRecord.inflate(content).get("server-round")
+        if value is not None:
+            with self.lock:
+                if len(self.rounds) > self.MAX_TRACKED:
+                    self.rounds.pop(next(iter(self.rounds)))
+                self.rounds[message_id] = str(value)
+
+    def round_of(self, metadata) -> str:
+        """Return the reply's round: its group_id, else its instruction's `server-round`, else ''."""
+        if metadata.group_id:
+            return str(metadata.group_id)
+        with self.lock:
+            return self.rounds.pop(metadata.reply_to_message_id, "")
+
+
 class MessagePushAudit:
     """Wraps the `send` and `push_object` functions of one `_push_messages` call.
 
@@ -134,8 +182,11 @@ class MessagePushAudit:
     of those with `push_object`, several at a time on worker threads.
     """
 
-    def __init__(self, recorder: EgressRecorder, node_id: int, tree_order: Callable[[Any], list[str]]):
+    def __init__(
+        self, recorder: EgressRecorder, node_id: int, tree_order: Callable[[Any], list[str]], rounds: RoundTracker,
+    ):
         self.recorder = recorder
+        self.rounds = rounds
         self.node_id = node_id
         self.tree_order = tree_order
         self.lock = threading.Lock()
@@ -145,7 +196,9 @@ class MessagePushAudit:
     def wrap_send(self, send):
         def audited_send(message, object_tree, clientapp_runtime):
             ids_to_send, session_id = send(message, object_tree, clientapp_runtime)
-            pending = PendingMessage(message.metadata, self.tree_order(object_tree), set(ids_to_send))
+            pending = PendingMessage(
+                message.metadata, self.rounds.round_of(message.metadata), self.tree_order(object_tree), set(ids_to_send),
+            )
             with self.lock:
                 self.pending.append(pending)
                 for object_id in ids_to_send:

@@ -21,7 +21,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from .egress import EgressRecorder, MessagePushAudit
+from .egress import EgressRecorder, MessagePushAudit, RoundTracker
 from .notify import ServiceStatus, sd_notify
 
 logger = logging.getLogger("melody_audit.supernode")
@@ -61,21 +61,46 @@ def install_hooks(recorder: EgressRecorder, status: ServiceStatus) -> None:
     original_connection = loop.http_request_response
     original_push_messages = loop._push_messages  # pylint: disable=protected-access
     connection = {"node_id": None}
-
-    @contextlib.contextmanager
-    def audited_connection(*args, **kwargs):
-        with original_connection(*args, **kwargs) as conn:
-            connection["node_id"] = conn[0]
-            logger.info("registered with SuperLink %s as node %s", status.superlink, conn[0])
-            status.update(state="connected", node_id=conn[0])
-            yield conn
-        status.update(state="disconnected")
+    rounds = RoundTracker()
 
     def tree_order(object_tree) -> list[str]:
         return [tree.object_id for tree in iterate_object_tree(object_tree)]
 
+    def wrap_receive(receive):
+        def audited_receive():
+            received = receive()
+            if received is not None:
+                message, object_tree = received
+                rounds.note_instruction(message.metadata.message_id, tree_order(object_tree))
+            return received
+
+        return audited_receive
+
+    def wrap_pull_object(pull_object):
+        def audited_pull_object(run_id, object_id):
+            content = pull_object(run_id, object_id)
+            try:
+                rounds.note_object(object_id, content)
+            except Exception as error:  # pylint: disable=broad-except
+                # A round that cannot be read must not stop the SuperNode; the record keeps round ''.
+                logger.error("round of object %s in run %s could not be read: %s", object_id, run_id, error)
+            return content
+
+        return audited_pull_object
+
+    @contextlib.contextmanager
+    def audited_connection(*args, **kwargs):
+        with original_connection(*args, **kwargs) as conn:
+            node_id, receive, send, get_run, get_fab, pull_object, push_object, confirm = conn
+            connection["node_id"] = node_id
+            logger.info("registered with SuperLink %s as node %s", status.superlink, node_id)
+            status.update(state="connected", node_id=node_id)
+            yield (node_id, wrap_receive(receive), send, get_run, get_fab, wrap_pull_object(pull_object),
+                   push_object, confirm)
+        status.update(state="disconnected")
+
     def audited_push_messages(*, state, object_store, send, push_object):
-        audit = MessagePushAudit(recorder, connection["node_id"], tree_order)
+        audit = MessagePushAudit(recorder, connection["node_id"], tree_order, rounds)
         try:
             original_push_messages(
                 state=state,

@@ -70,6 +70,8 @@ def build_report(gathered: dict, since: datetime | None) -> dict:
             "pending_at": row.get("pending_at"),
             "started_at": row.get("running_at") or row.get("starting_at"),
             "finished_at": row.get("finished_at"),
+            # flwr's own count of the bytes the SuperLink received for the run.
+            "superlink_bytes_received": row.get("bytes_recv"),
             "sites": sites,
         })
 
@@ -130,6 +132,13 @@ def markdown_runs(report: dict) -> list[str]:
             f"| {run['run_id']} | {run['app']} | `{run['app_bundle_sha256']}` | {run['status']} "
             f"| {run['pending_at']} | {run['started_at']} | {run['finished_at']} "
             f"| {', '.join(sorted(run['sites'])) or 'none'} |"
+        )
+    lines += [""]
+    for run in report["runs"]:
+        total = sum(sent["payload_bytes"] for sent in run["sites"].values())
+        lines.append(
+            f"- Run {run['run_id']}: the sites recorded {total} payload bytes sent; the SuperLink counted "
+            f"{run['superlink_bytes_received']} bytes received."
         )
     lines += ["", "### Sent by each site", "",
               "| Run | Site | Messages | Payload bytes | Failed | Message types | First | Last |",
