@@ -2,8 +2,8 @@
 
 A record holds when the message left, for which run, round and message
 type, to which SuperLink, how many bytes of payload were uploaded, and the
-SHA-256 of those bytes. It never holds any payload content, so no image,
-label or model value is ever written to the record.
+SHA-256 of those bytes. It contains no payload content, so no image,
+label or model value is written to the record.
 
 Each record goes to an append-only, hash-chained file in the SuperNode's
 state folder and to journald with structured fields.

@@ -18,7 +18,7 @@ def sd_notify(state: str) -> None:
     try:
         from systemd import daemon  # pylint: disable=import-outside-toplevel
     except ImportError:
-        logger.error("systemd-python is missing, so systemd is not told: %s", state)
+        logger.error("systemd-python is missing, so this notification was not sent: %s", state)
         return
     daemon.notify(state)
 

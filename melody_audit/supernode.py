@@ -7,8 +7,8 @@ so signals, exit codes and `Restart=` behave as with `flower-supernode`
 itself. Before it starts, two functions of flwr's SuperNode loop are
 wrapped: the Fleet connection (to learn when the node has registered) and
 the push of reply messages (to record each one). Both are private names of
-flwr; the launcher refuses to start on a flwr release it has not been
-checked against, so no message can leave unrecorded.
+flwr. The launcher exits on a flwr release that it has not been checked
+against, so that no reply can leave unrecorded.
 """
 
 from __future__ import annotations

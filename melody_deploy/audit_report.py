@@ -8,6 +8,12 @@ from datetime import datetime, timezone
 REPORTED_PACKAGES = ("flwr", "torch", "melody-audit", "systemd-python")
 
 
+def unsigned_id(value) -> str:
+    """Return flwr's unsigned 64-bit id, which its SQLite state stores as a signed integer."""
+    number = int(value)
+    return str(number + 2**64 if number < 0 else number)
+
+
 def run_status(row: dict) -> str:
     """Return a run's status as `flwr ls` shows it, from its task's timestamps."""
     if row.get("finished_at"):
@@ -58,7 +64,7 @@ def build_report(gathered: dict, since: datetime | None) -> dict:
     for row in link["runs"]:
         if not in_period(row.get("pending_at"), since):
             continue
-        run_id = str(row["run_id"])
+        run_id = unsigned_id(row["run_id"])
         sites = {site: per_run[run_id] for site, per_run in traffic.items() if run_id in per_run}
         runs.append({
             "run_id": run_id,

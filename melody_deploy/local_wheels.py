@@ -87,11 +87,11 @@ def recipe() -> list[str]:
     return [SYSTEMD_PYTHON, f"melody-audit=={melody_audit.__version__} source sha256:{digest.hexdigest()}"]
 
 
-def run_pip(args: list[str], what: str) -> None:
+def run_pip(args: list[str], wheel_name: str) -> None:
     environment = dict(os.environ, SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH)
     result = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, env=environment)
     if result.returncode != 0:
-        raise RuntimeError(f"building the {what} wheel failed: {result.stderr[-2000:]}")
+        raise RuntimeError(f"building the {wheel_name} wheel failed: {result.stderr[-2000:]}")
 
 
 def build(folder: Path) -> None:
