@@ -152,12 +152,15 @@ def test_deleted_egress_line_fails_verification(audited_run, tmp_path):
 def test_database_backup_holds_run(audited_run):
     lab, run_id = audited_run
 
+    # flwr's SQLite state stores the unsigned 64-bit run id as a signed integer.
+    stored_id = int(run_id) - 2**64 if int(run_id) >= 2**63 else int(run_id)
+
     started = on_host(lab, "superlink", "systemctl start melody-superlink-backup.service")
     newest = output_of(lab, "superlink", "ls /var/backups/melody-superlink/ | tail -n 1")
     runs = output_of(
         lab, "superlink",
         f"python3 -c \"import sqlite3; print(sqlite3.connect('/var/backups/melody-superlink/{newest}')"
-        f".execute('SELECT count(*) FROM run WHERE run_id = {run_id}').fetchone()[0])\"",
+        f".execute('SELECT count(*) FROM run WHERE run_id = {stored_id}').fetchone()[0])\"",
     )
     timer = output_of(lab, "superlink", "systemctl is-active melody-superlink-backup.timer")
 
@@ -180,3 +183,26 @@ def test_supernode_restart_in_report(audited_run, tmp_path):
     assert "stopped" in events
     assert "started" in events
     assert f"{name}: started: Started melody-supernode.service" in (tmp_path / "audit-report.md").read_text()
+
+
+def test_killed_supernode_restarted_by_systemd(audited_run, tmp_path):
+    lab, _ = audited_run
+    name = lab.supernodes[0].name
+    since = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    restarts_before = int(output_of(lab, name, f"systemctl show --property NRestarts --value {SUPERNODE_UNIT}"))
+
+    # The launcher runs flwr in its own process, so a killed SuperNode is a
+    # failed main process that Restart=on-failure must bring back.
+    on_host(lab, name, f"systemctl kill --signal SIGKILL {SUPERNODE_UNIT}")
+    back = on_host(lab, name, f"for attempt in $(seq 90); do "
+                              f"test $(systemctl show --property NRestarts --value {SUPERNODE_UNIT}) -gt {restarts_before} "
+                              f"&& systemctl is-active --quiet {SUPERNODE_UNIT} && exit 0; sleep 1; done; exit 1")
+    result = audit_report(tmp_path, since=since)
+
+    assert back.returncode == 0, output_of(lab, name, f"journalctl --unit {SUPERNODE_UNIT} --no-pager --lines 30")
+    assert result.returncode == 0, result.stdout + result.stderr
+    service = read_report(tmp_path)["services"][name]
+    events = [event["event"] for event in service["events"]]
+    assert "restart scheduled" in events
+    assert "started" in events
+    assert int(service["restarts_by_systemd"]) == restarts_before + 1
