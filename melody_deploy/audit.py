@@ -85,7 +85,10 @@ def collect_host(spec: HostSpec, request: dict) -> dict:
             f"host {spec.name}: collecting audit records failed (exit {result.returncode}): "
             f"{result.stderr.strip()[-800:]}; check SSH access and sudo rights for the inventory's ssh_user"
         )
-    return json.loads(result.stdout)
+    try:
+        return json.loads(result.stdout)
+    except ValueError as error:
+        raise HostReadError(f"host {spec.name}: the audit collector printed invalid JSON: {error}") from error
 
 
 def gather(specs: list[HostSpec], since: datetime | None) -> dict:
@@ -128,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for audit-report.md and audit-report.json")
     args = parser.parse_args(argv)
 
+    if not args.inventory.is_file():
+        print(f"error: inventory {args.inventory} not found; give the path of a pyinfra inventory file", file=sys.stderr)
+        return 2
     try:
         since = parse_since(args.since)
         gathered = gather(load_inventory(args.inventory), since)

@@ -62,10 +62,11 @@ def build_report(gathered: dict, since: datetime | None) -> dict:
 
     runs = []
     for row in link["runs"]:
-        if not in_period(row.get("pending_at"), since):
-            continue
         run_id = unsigned_id(row["run_id"])
         sites = {site: per_run[run_id] for site, per_run in traffic.items() if run_id in per_run}
+        # A run submitted before the period still belongs in it if a site sent messages for it.
+        if not sites and not in_period(row.get("pending_at"), since):
+            continue
         runs.append({
             "run_id": run_id,
             "app": f"{row.get('fab_id') or ''} {row.get('fab_version') or ''}".strip(),
