@@ -65,7 +65,8 @@ def test_cut_last_line_found_by_journal(tmp_path):
 
     assert result.ok, "a cut tail keeps the chain itself valid"
     assert len(problems) == 1
-    assert "seq 3" in problems[0] and "missing from the file" in problems[0]
+    assert "seq 3" in problems[0]
+    assert "missing from the file" in problems[0]
 
 
 def test_last_hash_continues_chain(tmp_path):
