@@ -5,10 +5,13 @@ alone. Preflight checks the whole inventory and the host before any change.
 """
 
 from melody_deploy.backup import install_database_backup
+from melody_deploy.control_access import install_control_access
+from melody_deploy.fleet_front import install_fleet_front
 from melody_deploy.install import install_service_user, install_venv
 from melody_deploy.plan import prepare
 from melody_deploy.service import install_unit, run_service, superlink_check_script
 from melody_deploy.settings import SUPERLINK
+from melody_deploy.tls_ops import install_tls_files
 from melody_deploy.units import SUPERLINK_UNIT, render_superlink_unit
 
 plan = prepare(SUPERLINK)
@@ -26,10 +29,21 @@ if plan is not None:
         ],
     )
     venv = install_venv(plan)
+
+    # Security: TLS files, the Control API's access rules. Skipped without TLS.
+    tls_files = []
+    if plan.tls is not None:
+        tls_files = install_tls_files(plan, server=True)
+        install_control_access(plan)
+
     unit = install_unit(SUPERLINK_UNIT, render_superlink_unit(plan.host, plan.paths))
     run_service(
         SUPERLINK_UNIT,
-        changes=[venv, unit],
-        check_script=superlink_check_script(SUPERLINK_UNIT, plan.settings["melody_superlink_port"]),
+        changes=[venv, unit, *tls_files],
+        check_script=superlink_check_script(SUPERLINK_UNIT, plan.listen_port),
     )
     install_database_backup(plan)
+
+    # Security: nginx publishes the Fleet API only, after the SuperLink runs.
+    if plan.tls is not None:
+        install_fleet_front(plan, changes=tls_files)

@@ -9,6 +9,8 @@ from melody_deploy.install import install_service_user, install_venv
 from melody_deploy.plan import prepare
 from melody_deploy.service import install_unit, run_service, supernode_check_script
 from melody_deploy.settings import SUPERNODE
+from melody_deploy.supernode_auth import register_supernode
+from melody_deploy.tls_ops import install_tls_files
 from melody_deploy.units import AUDIT_SUBDIR, SUPERNODE_UNIT, render_supernode_unit
 
 # flwr logs this once the SuperNode has registered with the SuperLink.
@@ -22,9 +24,15 @@ if plan is not None:
         plan, home=state_dir, folders=[state_dir, f"{state_dir}/flwr", f"{state_dir}/{AUDIT_SUBDIR}"],
     )
     venv = install_venv(plan)
-    unit = install_unit(SUPERNODE_UNIT, render_supernode_unit(plan.host, plan.paths))
+
+    # Security: the CA, and this SuperNode's key registered with the SuperLink.
+    security = []
+    if plan.tls is not None:
+        security = [*install_tls_files(plan, server=False), register_supernode(plan)]
+
+    unit = install_unit(SUPERNODE_UNIT, render_supernode_unit(plan.host, plan.paths, plan.egress_addresses))
     run_service(
         SUPERNODE_UNIT,
-        changes=[venv, unit],
+        changes=[venv, unit, *security],
         check_script=supernode_check_script(SUPERNODE_UNIT, CONNECTED_LOG_LINE),
     )

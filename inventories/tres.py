@@ -10,12 +10,10 @@ settings table explains each. Run, from the repository root:
 The host names below are placeholders under the reserved `.example` domain.
 """
 
-# ---------------------------------------------------------------------------
-# WARNING: TLS is not set up by this release. Until it is, the services can
-# only run with `melody_insecure = True`, which sends model updates in clear
-# text and lets anyone who reaches the SuperLink's port submit runs. Do NOT
-# connect real patient data to such a federation.
-# ---------------------------------------------------------------------------
+# Secure by default: the deploy creates a CA and a SuperLink certificate in
+# melody_tls_dir (or uses yours), registers each SuperNode's key with the
+# SuperLink, and publishes only the Fleet API to SuperNodes. Researchers reach
+# the Control API through an SSH tunnel from melody_researcher_networks.
 
 # SSH connection of pyinfra: an admin account with sudo, and strict
 # host-key checking against a known_hosts file you keep.
@@ -43,8 +41,9 @@ federation = {
     "melody_install_dir": "/opt/melody",
     # System user and group the services run as.
     "melody_service_user": "melody",
-    # TLS off: see the warning above. Required to be True until TLS lands.
-    "melody_insecure": True,
+    # True turns TLS, SuperNode authentication and the Fleet-only front off:
+    # for a throw-away lab only, never with patient data.
+    "melody_insecure": False,
 }
 
 superlink = [
@@ -53,9 +52,8 @@ superlink = [
         {
             **connection,
             **federation,
-            # Address the SuperLink's HTTP API listens on.
+            # Address and port SuperNodes connect to (nginx, Fleet API only).
             "melody_superlink_listen_host": "0.0.0.0",
-            # Port SuperNodes and researchers connect to.
             "melody_superlink_port": 8000,
             # Persistent folder for the state database and Flower home.
             "melody_superlink_state_dir": "/var/lib/melody-superlink",
@@ -68,6 +66,27 @@ superlink = [
             "melody_superlink_backup_dir": "/var/backups/melody-superlink",
             "melody_superlink_backup_calendar": "daily",
             "melody_superlink_backup_count": 30,
+            # Security: TLS, SuperNode authentication and the Control API.
+            # Folder on the operator's machine for the generated CA and
+            # certificate; its keys are mode 0600. Keep it out of git.
+            "melody_tls_dir": ".cache/tls",
+            # Your own CA, certificate and key instead (all three or none).
+            "melody_tls_ca_cert": None,
+            "melody_tls_server_cert": None,
+            "melody_tls_server_key": None,
+            # Extra names for the generated certificate, such as a DNS alias.
+            "melody_tls_names": [],
+            # Validity of a generated certificate, and the renewal window.
+            "melody_tls_valid_days": 365,
+            "melody_tls_renew_days": 30,
+            # Loopback port of the SuperLink behind nginx (Control API).
+            "melody_superlink_internal_port": 8001,
+            # Account researchers' SSH tunnels log in as.
+            "melody_control_user": "melody-control",
+            # Where researchers' tunnels may come from, and their keys, e.g.
+            # ["10.20.0.0/24"] and ["ssh-ed25519 AAAA... alice@lab"].
+            "melody_researcher_networks": [],
+            "melody_researcher_ssh_keys": [],
         },
     ),
 ]

@@ -10,11 +10,21 @@ wheels). Only releases whose flags are listed here are accepted.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 # Minor releases whose command line is the single-HTTP-server one.
 HTTP_API_MINORS = ((1, 40), (1, 41), (1, 42))
 
 VERSION_PATTERN = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """Paths of the SuperLink's CA certificate, certificate and key on its host."""
+
+    ca_certificate: str
+    certificate: str
+    key: str
 
 
 def parse_version(version: str) -> tuple[int, int, int]:
@@ -47,8 +57,12 @@ def superlink_args(
     log_rotation_hours: int,
     log_backup_count: int,
     insecure: bool,
+    tls: ServerTls | None = None,
 ) -> list[str]:
-    """Return the flower-superlink arguments, one flag with its value per item."""
+    """Return the flower-superlink arguments, one flag with its value per item.
+
+    Without `insecure`, `tls` names the certificate files on the host.
+    """
     args = [
         f"--host {listen_host}",
         f"--port {port}",
@@ -62,6 +76,14 @@ def superlink_args(
     ]
     if insecure:
         args.append("--insecure")
+    else:
+        # SuperNode authentication refuses to start without TLS on the SuperLink itself.
+        args += [
+            f"--ssl-certfile {tls.certificate}",
+            f"--ssl-keyfile {tls.key}",
+            f"--ssl-ca-certfile {tls.ca_certificate}",
+            "--enable-supernode-auth",
+        ]
     return args
 
 
@@ -72,10 +94,14 @@ def supernode_args(
     port: int,
     node_config: str,
     insecure: bool,
+    root_certificates: str | None = None,
+    auth_private_key: str | None = None,
 ) -> list[str]:
     """Return the flower-supernode arguments, one flag with its value per item.
 
-    `node_config` is already quoted for a systemd command line.
+    `node_config` is already quoted for a systemd command line. Without
+    `insecure`, the SuperNode checks the SuperLink's certificate against
+    `root_certificates` and signs its requests with `auth_private_key`.
     """
     args = [
         f"--superlink {superlink_address}",
@@ -86,4 +112,9 @@ def supernode_args(
     ]
     if insecure:
         args.append("--insecure")
+    else:
+        args += [
+            f"--root-certificates {root_certificates}",
+            f"--auth-supernode-private-key {auth_private_key}",
+        ]
     return args

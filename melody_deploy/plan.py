@@ -11,12 +11,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyinfra import host, inventory
+from pyinfra import host, inventory, state
 
 from . import wheelhouse as wheelhouses
 from .errors import PreflightError
 from .host_facts import PythonPlatform, check_host
-from .preflight import HostSpec, ResolvedHost, check_tls_available, validate_inventory
+from .preflight import Federation, HostSpec, ResolvedHost, validate_inventory
+from .security import prepare_tls
+from .security_facts import check_security_facts, egress_addresses
+from .settings import SUPERNODE
+from .tls import TlsFiles
 from .units import HostPaths, host_paths
 
 # pyinfra prints the records of its own logger in the deploy's output.
@@ -30,10 +34,22 @@ class HostPlan:
     host: ResolvedHost
     wheelhouse: wheelhouses.Wheelhouse
     paths: HostPaths
+    federation: Federation
+    # None when the federation runs without TLS (melody_insecure).
+    tls: TlsFiles | None
+    # IP addresses a SuperNode may connect to: its SuperLink's. Empty otherwise.
+    egress_addresses: tuple[str, ...] = ()
 
     @property
     def settings(self) -> dict:
         return self.host.settings
+
+    @property
+    def listen_port(self) -> int:
+        """Return the SuperLink's own port: on loopback behind nginx, or public without TLS."""
+        if self.tls is None:
+            return self.settings["melody_superlink_port"]
+        return self.settings["melody_superlink_internal_port"]
 
 
 def inventory_specs() -> list[HostSpec]:
@@ -50,7 +66,12 @@ def prepare(role: str) -> HostPlan | None:
     alone.
     """
     federation = validate_inventory(inventory_specs())
-    check_tls_available(federation)
+    tls_files = prepare_tls(federation)
+    if tls_files is not None and state.config.DIFF:
+        raise PreflightError([
+            "pyinfra --diff would print the SuperLink's private key when it is uploaded; "
+            "run the deploy without --diff"
+        ])
     try:
         resolved = federation.host(host.name)
     except KeyError:
@@ -71,13 +92,15 @@ def prepare(role: str) -> HostPlan | None:
         problems = []
         for peer in peers:
             problems += check_host(inventory.get_host(peer.name), role, peer.settings)
+            problems += check_security_facts(inventory.get_host(peer.name), role, peer.settings)
         if problems:
             raise PreflightError(problems)
 
     if resolved.settings["melody_insecure"]:
         logger.warning(
-            "host %s: melody_insecure is True, so %s runs without TLS; lab use only, "
-            "never with patient data", host.name, role,
+            "WARNING host %s: melody_insecure is True, so the %s runs WITHOUT TLS, without SuperNode "
+            "authentication, and anyone who reaches the SuperLink's port can submit runs; lab use "
+            "only, never with patient data", host.name, role,
         )
 
     target = wheelhouses.target_from_fact(host.get_fact(PythonPlatform))
@@ -87,4 +110,8 @@ def prepare(role: str) -> HostPlan | None:
     except wheelhouses.WheelhouseError as error:
         raise PreflightError([f"host {host.name}: {error}"]) from error
 
-    return HostPlan(resolved, built, host_paths(resolved.settings, built.wheelhouse_id))
+    egress = ()
+    if role == SUPERNODE and tls_files is not None:
+        egress = tuple(egress_addresses(host, resolved.settings))
+    return HostPlan(resolved, built, host_paths(resolved.settings, built.wheelhouse_id),
+                    federation, tls_files, egress)

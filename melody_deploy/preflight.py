@@ -15,6 +15,7 @@ from typing import Any
 
 from . import flwr_cli
 from .errors import PreflightError
+from .security_settings import check_security_values
 from .settings import BY_NAME, SUPERLINK, SUPERNODE, Setting, format_type, settings_for_role
 
 # pyinfra inventory groups that give a host its role.
@@ -42,7 +43,7 @@ PATH_SETTINGS = (
     "melody_data_dir",
     "melody_superlink_backup_dir",
 )
-PORT_SETTINGS = ("melody_superlink_port", "melody_supernode_port")
+PORT_SETTINGS = ("melody_superlink_port", "melody_supernode_port", "melody_superlink_internal_port")
 
 
 @dataclass
@@ -180,12 +181,13 @@ def check_values(name: str, settings: dict[str, Any], problems: list[str]) -> No
         if port is not None and not 1 <= port <= 65535:
             problems.append(f"host {name}: setting '{key}' = {port} must be a port from 1 to 65535")
 
-    user = settings.get("melody_service_user")
-    if user is not None and not USER_NAME.match(user):
-        problems.append(
-            f"host {name}: setting 'melody_service_user' = {user!r} is not a valid system user "
-            f"name; use lower-case letters, digits, '_' and '-', starting with a letter"
-        )
+    for key in ("melody_service_user", "melody_control_user"):
+        user = settings.get(key)
+        if user is not None and not USER_NAME.match(user):
+            problems.append(
+                f"host {name}: setting '{key}' = {user!r} is not a valid system user "
+                f"name; use lower-case letters, digits, '_' and '-', starting with a letter"
+            )
 
     for key in ("melody_log_rotation_hours", "melody_log_backup_count", "melody_superlink_backup_count"):
         count = settings.get(key)
@@ -214,6 +216,7 @@ def check_values(name: str, settings: dict[str, Any], problems: list[str]) -> No
         )
 
     check_node_config(name, settings.get("melody_node_config", {}), problems)
+    check_security_values(name, settings, problems)
 
 
 def check_node_config(name: str, node_config: dict[str, Any], problems: list[str]) -> None:
@@ -313,24 +316,6 @@ def check_federation(federation: Federation, problems: list[str]) -> None:
             f"setting 'melody_flwr_version' differs across the federation ({groups}); Flower "
             f"components must share major.minor, so set one version for every host"
         )
-
-
-def check_tls_available(federation: Federation) -> None:
-    """Raise PreflightError for hosts that ask for TLS, which this deploy cannot set up yet.
-
-    A SuperLink without certificates and without --insecure exits at start,
-    so stopping here keeps the hosts unchanged instead of leaving a
-    restarting service.
-    """
-    problems = [
-        f"host {resolved.name}: setting 'melody_insecure' = False asks for TLS, which this "
-        f"release of the deploy cannot set up yet; set melody_insecure = True to run without "
-        f"TLS, and only in a lab or test federation without patient data"
-        for resolved in [federation.superlink, *federation.supernodes]
-        if not resolved.settings["melody_insecure"]
-    ]
-    if problems:
-        raise PreflightError(problems)
 
 
 def validate_inventory(specs: list[HostSpec]) -> Federation:

@@ -65,13 +65,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("melody_service_user", "melody", str, ALL,
             "System user and group that the services run as (created without a login shell)."),
     Setting("melody_insecure", False, bool, ALL,
-            "Run the Flower APIs without TLS. For a throw-away lab only, never with patient data. "
-            "Until this deploy sets up TLS, preflight rejects `False`."),
+            "Run without TLS, SuperNode authentication or the Fleet-only front: for a throw-away lab only, "
+            "never with patient data. Set it the same on every host."),
     # The SuperLink.
     Setting("melody_superlink_listen_host", "0.0.0.0", str, SUPERLINK,
-            "Address the SuperLink's HTTP API (Fleet, Control and Runtime) listens on."),
+            "Address SuperNodes connect to: nginx's Fleet-only front, or with `melody_insecure` the SuperLink itself."),
     Setting("melody_superlink_port", 8000, int, SUPERLINK,
-            "Port of the SuperLink's HTTP API; SuperNodes and researchers connect to it."),
+            "Port SuperNodes connect to, on `melody_superlink_listen_host`."),
     Setting("melody_superlink_state_dir", "/var/lib/melody-superlink", str, SUPERLINK,
             "Persistent folder for the SuperLink's state database and Flower home."),
     Setting("melody_superlink_log_dir", "/var/log/melody-superlink", str, SUPERLINK,
@@ -105,6 +105,37 @@ SETTINGS: tuple[Setting, ...] = (
             "systemd `OnCalendar=` schedule of the state database backup, such as `daily` or `*-*-* 02:00:00`."),
     Setting("melody_superlink_backup_count", 30, int, SUPERLINK,
             "Snapshots of the state database kept before the oldest is deleted."),
+    # Security: TLS, SuperNode authentication and access to the Control API.
+    Setting("melody_tls_dir", ".cache/tls", str, SUPERLINK,
+            "Folder on the operator's machine for the CA and SuperLink certificate the deploy generates "
+            "(keys mode 0600), relative to where pyinfra runs."),
+    Setting("melody_tls_ca_cert", None, (str, type(None)), SUPERLINK,
+            "Your own CA certificate (PEM file on the operator's machine); set it with the next two "
+            "to use your certificates instead of generated ones.",
+            example="/etc/melody-operator/ca.pem"),
+    Setting("melody_tls_server_cert", None, (str, type(None)), SUPERLINK,
+            "Your own SuperLink certificate (PEM); its names must include every address SuperNodes use, "
+            "`localhost` and `127.0.0.1`.",
+            example="/etc/melody-operator/superlink.pem"),
+    Setting("melody_tls_server_key", None, (str, type(None)), SUPERLINK,
+            "Unencrypted PEM private key of `melody_tls_server_cert`.",
+            example="/etc/melody-operator/superlink.key"),
+    Setting("melody_tls_names", (), (list, tuple), SUPERLINK,
+            "Extra DNS names or IP addresses for the generated SuperLink certificate."),
+    Setting("melody_tls_valid_days", 365, int, SUPERLINK,
+            "Days a generated SuperLink certificate is valid."),
+    Setting("melody_tls_renew_days", 30, int, SUPERLINK,
+            "A deploy renews a generated certificate (and warns about a supplied one) that expires "
+            "within this many days."),
+    Setting("melody_superlink_internal_port", 8001, int, SUPERLINK,
+            "Loopback port of the SuperLink behind nginx; researchers' SSH tunnels reach the Control API there."),
+    Setting("melody_control_user", "melody-control", str, SUPERLINK,
+            "System user on the SuperLink host that researchers' SSH tunnels log in as; it may only "
+            "forward to the Control API."),
+    Setting("melody_researcher_networks", (), (list, tuple), SUPERLINK,
+            "IP networks (CIDR) that researchers' SSH tunnels may come from, such as `['10.20.0.0/24']`."),
+    Setting("melody_researcher_ssh_keys", (), (list, tuple), SUPERLINK,
+            "Researchers' SSH public keys (OpenSSH lines) that may open a tunnel to the Control API."),
 )
 
 BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}

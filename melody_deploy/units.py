@@ -33,6 +33,26 @@ AUDIT_SUBDIR = "audit"
 # counts the start as failed.
 SUPERNODE_START_TIMEOUT = 120
 
+# Where the deploy puts TLS files on the hosts: the CA certificate on every
+# host, the SuperLink's certificate and key (readable by root and the service
+# group only) on the SuperLink host.
+REMOTE_TLS_DIR = "/etc/melody/tls"
+REMOTE_TLS = flwr_cli.ServerTls(
+    ca_certificate=f"{REMOTE_TLS_DIR}/ca.pem",
+    certificate=f"{REMOTE_TLS_DIR}/superlink.pem",
+    key=f"{REMOTE_TLS_DIR}/superlink.key",
+)
+
+# Seconds before systemd restarts a failed service. A SuperNode waits longer:
+# the usual cause is a rejection by the SuperLink that a retry will not fix.
+SUPERLINK_RESTART_SEC = 5
+SUPERNODE_RESTART_SEC = 30
+
+
+def supernode_key_path(settings: dict) -> str:
+    """Return the path of the SuperNode's authentication key, generated on its host."""
+    return f"{settings['melody_supernode_state_dir']}/auth/supernode-key"
+
 
 @dataclass(frozen=True)
 class HostPaths:
@@ -94,14 +114,22 @@ def superlink_context(host: ResolvedHost, paths: HostPaths) -> dict:
     settings = host.settings
     state_dir = settings["melody_superlink_state_dir"]
     log_dir = settings["melody_superlink_log_dir"]
+    insecure = settings["melody_insecure"]
+    # With TLS, nginx publishes the Fleet API and the SuperLink itself listens
+    # on loopback only, so it talks to no other address.
+    if insecure:
+        listen_host, port, ip_address_allow = settings["melody_superlink_listen_host"], settings["melody_superlink_port"], []
+    else:
+        listen_host, port, ip_address_allow = "127.0.0.1", settings["melody_superlink_internal_port"], ["localhost"]
     args = flwr_cli.superlink_args(
-        listen_host=settings["melody_superlink_listen_host"],
-        port=settings["melody_superlink_port"],
+        listen_host=listen_host,
+        port=port,
         database=f"{state_dir}/state.db",
         log_file=f"{log_dir}/superlink.log",
         log_rotation_hours=settings["melody_log_rotation_hours"],
         log_backup_count=settings["melody_log_backup_count"],
-        insecure=settings["melody_insecure"],
+        insecure=insecure,
+        tls=None if insecure else REMOTE_TLS,
     )
     return {
         "description": "MELODY Flower SuperLink",
@@ -115,21 +143,29 @@ def superlink_context(host: ResolvedHost, paths: HostPaths) -> dict:
         "protect_home": "yes",
         "service_type": "simple",
         "start_lines": [],
-        "insecure": settings["melody_insecure"],
+        "ip_address_allow": ip_address_allow,
+        "restart_sec": SUPERLINK_RESTART_SEC,
+        "insecure": insecure,
         "flwr_version": settings["melody_flwr_version"],
     }
 
 
-def supernode_context(host: ResolvedHost, paths: HostPaths) -> dict:
+def supernode_context(host: ResolvedHost, paths: HostPaths, egress_addresses: tuple[str, ...] = ()) -> dict:
+    """Return the SuperNode unit's values; with TLS it may reach `egress_addresses` and loopback only."""
     settings = host.settings
     state_dir = settings["melody_supernode_state_dir"]
+    insecure = settings["melody_insecure"]
     args = flwr_cli.supernode_args(
         superlink_address=settings["melody_superlink_address"],
         listen_host=settings["melody_supernode_listen_host"],
         port=settings["melody_supernode_port"],
         node_config=node_config_argument(settings),
-        insecure=settings["melody_insecure"],
+        insecure=insecure,
+        root_certificates=REMOTE_TLS.ca_certificate,
+        auth_private_key=supernode_key_path(settings),
     )
+    # The SuperNode's own ClientApp processes reach its Runtime API on loopback.
+    ip_address_allow = [] if insecure else ["localhost", *egress_addresses]
     return {
         "description": f"MELODY Flower SuperNode (partition {settings['melody_partition_id']})",
         "user": settings["melody_service_user"],
@@ -139,7 +175,9 @@ def supernode_context(host: ResolvedHost, paths: HostPaths) -> dict:
         "read_write_paths": [state_dir],
         "read_only_paths": [settings["melody_data_dir"]],
         "protect_home": protect_home(settings["melody_data_dir"]),
-        "insecure": settings["melody_insecure"],
+        "ip_address_allow": ip_address_allow,
+        "restart_sec": SUPERNODE_RESTART_SEC,
+        "insecure": insecure,
         "flwr_version": settings["melody_flwr_version"],
     }
 
@@ -179,5 +217,5 @@ def render_superlink_unit(host: ResolvedHost, paths: HostPaths) -> str:
     return render(f"{SUPERLINK_UNIT}.j2", superlink_context(host, paths))
 
 
-def render_supernode_unit(host: ResolvedHost, paths: HostPaths) -> str:
-    return render(f"{SUPERNODE_UNIT}.j2", supernode_context(host, paths))
+def render_supernode_unit(host: ResolvedHost, paths: HostPaths, egress_addresses: tuple[str, ...] = ()) -> str:
+    return render(f"{SUPERNODE_UNIT}.j2", supernode_context(host, paths, egress_addresses))

@@ -17,6 +17,8 @@ VARIANT = "minbase"
 
 # Packages a lab host needs beyond minbase: systemd as init, sshd for pyinfra,
 # Python with venv for the deploy, and small network tools for checks.
+# nginx is there because the SuperLink host of a TRE installs it from its own
+# apt mirror, which the lab hosts have no route to.
 # Compilers stay out because the deploy must not build anything on a host.
 PACKAGES = (
     "ca-certificates",
@@ -24,6 +26,7 @@ PACKAGES = (
     "iproute2",
     "iputils-ping",
     "netbase",
+    "nginx",
     "openssh-server",
     "procps",
     "python3",

@@ -7,7 +7,8 @@ import copy
 import pytest
 
 from melody_deploy.errors import PreflightError
-from melody_deploy.preflight import HostSpec, check_tls_available, validate_inventory
+from melody_deploy.preflight import HostSpec, validate_inventory
+from melody_deploy.security import check_insecure_consistent
 
 
 def valid_specs() -> list[HostSpec]:
@@ -192,23 +193,21 @@ def test_all_problems_reported_together():
     assert "no host was changed" in message
 
 
-def test_tls_request_rejected_until_supported():
-    federation = validate_inventory(valid_specs())
+def test_insecure_on_some_hosts_rejected():
+    specs = with_data("site-a", melody_insecure=True)
 
     with pytest.raises(PreflightError) as caught:
-        check_tls_available(federation)
+        check_insecure_consistent(validate_inventory(specs))
 
-    message = str(caught.value)
-    for host in ("link", "site-a", "site-b"):
-        assert f"host {host}: setting 'melody_insecure' = False asks for TLS" in message
+    assert "setting 'melody_insecure' is True on site-a only" in str(caught.value)
 
 
-def test_insecure_lab_passes_tls_check():
+def test_insecure_on_every_host_accepted():
     specs = valid_specs()
     for spec in specs:
         spec.data["melody_insecure"] = True
 
-    check_tls_available(validate_inventory(specs))
+    check_insecure_consistent(validate_inventory(specs))
 
 
 def test_type_error_shows_valid_example():

@@ -62,7 +62,7 @@ def test_superlink_runs_venv_binary_with_venv_on_path():
 
 
 def test_superlink_flags_for_flwr_142():
-    args = exec_start_args(superlink_unit(melody_superlink_port=8443))
+    args = exec_start_args(superlink_unit(melody_superlink_port=8443, melody_insecure=True))
 
     assert args[args.index("--host") + 1] == "0.0.0.0"
     assert args[args.index("--port") + 1] == "8443"
