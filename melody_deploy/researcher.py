@@ -86,15 +86,13 @@ def connection_entry(specs: list[HostSpec], address: str | None, tunnel_port: in
 
 
 def tunnel_command(specs: list[HostSpec], tunnel_port: int = DEFAULT_TUNNEL_PORT,
-                   identity: str | None = None) -> list[str]:
+                   ssh_options: list[str] = ()) -> list[str]:
     """Return the ssh command that forwards `tunnel_port` here to the Control API on the SuperLink host."""
     superlink = validate_inventory(specs).superlink
     settings = superlink.settings
     command = ["ssh", "-N", "-o", "ExitOnForwardFailure=yes",
                "-L", f"127.0.0.1:{tunnel_port}:127.0.0.1:{settings['melody_superlink_internal_port']}"]
-    if identity:
-        command += ["-i", identity]
-    return command + [f"{settings['melody_control_user']}@{superlink.address}"]
+    return command + list(ssh_options) + [f"{settings['melody_control_user']}@{superlink.address}"]
 
 
 def write_connection(config_path: Path, name: str, entry: dict) -> None:

@@ -3,7 +3,8 @@
     .venv/bin/python -m melody_lab.demo [--supernodes 2] [--rounds 3]
 
 Brings the lab up (or reuses it), deploys the SuperLink and the SuperNodes
-with pyinfra, writes the researcher's `[superlink.lab]` connection, runs
+with pyinfra, opens the researcher's SSH tunnel to the Control API, writes
+the researcher's `[superlink.lab]` connection, runs
 `flwr run melody_app lab` on the shards of the real images, and prints each
 round's metrics and how long each step took. The lab stays up afterwards;
 `python -m melody_lab down` removes it.
@@ -19,6 +20,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from melody_lab.control_tunnel import control_tunnel, lab_tunnel_command
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -103,28 +106,31 @@ def main(argv: list[str] | None = None) -> int:
         run_step("lab up", [python, "-m", "melody_lab", "up", "--supernodes", str(args.supernodes)])
         run_step("deploy SuperLink", [pyinfra, "-y", "inventories/lab.py", "deploy/superlink.py"])
         run_step("deploy SuperNodes", [pyinfra, "-y", "inventories/lab.py", "deploy/supernode.py"])
-        run_step(
-            "researcher connection",
-            [python, "-m", "melody_deploy.researcher", "inventories/lab.py", "--connection", "lab"],
-            env=env,
-        )
-        output = run_step(
-            "federated run",
-            [flwr, "run", "melody_app", "lab", "--stream",
-             "--run-config", f"num-server-rounds={args.rounds}"],
-            env=env, capture=True,
-        )
-        run_id = parse_run_id(output)
-        listing = run_step(
-            "run status", [flwr, "ls", "lab", "--run-id", run_id, "--format", "json"],
-            env=env, capture=True,
-        )
+        # The Control API is reachable only through the researcher's SSH tunnel.
+        with control_tunnel() as tunnel_port:
+            run_step(
+                "researcher connection",
+                [python, "-m", "melody_deploy.researcher", "inventories/lab.py", "--connection", "lab",
+                 "--tunnel-port", str(tunnel_port)],
+                env=env,
+            )
+            output = run_step(
+                "federated run",
+                [flwr, "run", "melody_app", "lab", "--stream",
+                 "--run-config", f"num-server-rounds={args.rounds}"],
+                env=env, capture=True,
+            )
+            run_id = parse_run_id(output)
+            listing = run_step(
+                "run status", [flwr, "ls", "lab", "--run-id", run_id, "--format", "json"],
+                env=env, capture=True,
+            )
         # `flwr run --stream` exits 0 even when the run failed, so read its status.
         run = json.loads(listing)["runs"][0]
         if run["status"] != "finished:completed":
             raise StepFailed(f"run {run_id} ended {run['status']}: {run.get('status-details')}")
         result = parse_result(output)
-    except StepFailed as error:
+    except (StepFailed, RuntimeError) as error:
         print(f"\ndemo failed: {error}", file=sys.stderr)
         return 1
 
@@ -134,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     for title, elapsed in TIMINGS:
         print(f"  {title:<24} {elapsed:7.1f} s")
     print(
-        f"\nThe lab is still up. Researcher config: FLWR_HOME={flwr_home}\n"
+        f"\nThe lab is still up. Researcher config: FLWR_HOME={flwr_home}, which needs the tunnel:\n"
+        f"  {' '.join(lab_tunnel_command(tunnel_port))}\n"
         f"Remove the lab with: {python} -m melody_lab down"
     )
     return 0

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from melody_lab import ssh
+from melody_lab.control_tunnel import control_tunnel
 from melody_lab.demo import parse_result, parse_run_id, researcher_env
 
 pytestmark = pytest.mark.lab
@@ -76,11 +77,16 @@ def test_superlink_active_enabled_listening(deployed):
 
     active = on_host(lab, "superlink", f"systemctl is-active {SUPERLINK_UNIT}").stdout.strip()
     enabled = on_host(lab, "superlink", f"systemctl is-enabled {SUPERLINK_UNIT}").stdout.strip()
-    listening = on_host(lab, "superlink", "ss -Hltn 'sport = :8000'").stdout
+    # The SuperLink listens on loopback; nginx publishes its Fleet API on 8000.
+    superlink_listening = on_host(lab, "superlink", "ss -Hltnp 'sport = :8001'").stdout
+    front_listening = on_host(lab, "superlink", "ss -Hltnp 'sport = :8000'").stdout
 
     assert active == "active", journal(lab, "superlink", SUPERLINK_UNIT)
     assert enabled == "enabled"
-    assert "0.0.0.0:8000" in listening
+    assert "127.0.0.1:8001" in superlink_listening
+    assert "flower-superlin" in superlink_listening
+    assert "0.0.0.0:8000" in front_listening
+    assert "nginx" in front_listening
 
 
 def test_superlink_runs_as_service_user(deployed):
@@ -190,18 +196,22 @@ def test_federated_run_completes(deployed, tmp_path):
     flwr_home = tmp_path / "flwr-home"
     env = dict(os.environ, FLWR_HOME=str(flwr_home))
 
-    configured = subprocess.run(
-        [sys.executable, "-m", "melody_deploy.researcher", "inventories/lab.py", "--connection", "lab"],
-        cwd=REPO, env=env, capture_output=True, text=True,
-    )
-    assert configured.returncode == 0, configured.stderr
-    assert f'address = "{lab.host("superlink").address}:8000"' in (flwr_home / "config.toml").read_text()
+    with control_tunnel() as tunnel_port:
+        configured = subprocess.run(
+            [sys.executable, "-m", "melody_deploy.researcher", "inventories/lab.py", "--connection", "lab",
+             "--tunnel-port", str(tunnel_port)],
+            cwd=REPO, env=env, capture_output=True, text=True,
+        )
+        assert configured.returncode == 0, configured.stderr
+        config = (flwr_home / "config.toml").read_text()
+        assert f'address = "127.0.0.1:{tunnel_port}"' in config
+        assert f'root-certificates = "{flwr_home / "lab-ca.pem"}"' in config
 
-    run = run_flwr(["run", "melody_app", "lab", "--stream", "--run-config", "num-server-rounds=2"],
-                   flwr_home, timeout=900)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    run_id = parse_run_id(run.stdout)
-    listing = run_flwr(["ls", "lab", "--run-id", run_id, "--format", "json"], flwr_home, timeout=60)
+        run = run_flwr(["run", "melody_app", "lab", "--stream", "--run-config", "num-server-rounds=2"],
+                       flwr_home, timeout=900)
+        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+        run_id = parse_run_id(run.stdout)
+        listing = run_flwr(["ls", "lab", "--run-id", run_id, "--format", "json"], flwr_home, timeout=60)
 
     runs = json.loads(listing.stdout)["runs"]
     assert len(runs) == 1, listing.stdout
@@ -278,10 +288,10 @@ def test_missing_data_dirs_stop_before_changes(deployed, tmp_path):
     assert main_pids(lab) == pids
 
 
-def test_tls_request_stops_before_changes(deployed, tmp_path):
+def test_insecure_on_one_host_stops_before_changes(deployed, tmp_path):
     lab = deployed
-    inventory = write_inventory(tmp_path / "secure.py", """\
-        superlink = [(name, {**data, "melody_insecure": False}) for name, data in superlink]
+    inventory = write_inventory(tmp_path / "half_insecure.py", """\
+        superlink = [(name, {**data, "melody_insecure": True}) for name, data in superlink]
     """)
     pids = main_pids(lab)
 
@@ -289,7 +299,7 @@ def test_tls_request_stops_before_changes(deployed, tmp_path):
 
     combined = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "host superlink: setting 'melody_insecure' = False asks for TLS" in combined
+    assert "setting 'melody_insecure' is True on superlink only" in combined
     assert main_pids(lab) == pids
 
 
