@@ -1,4 +1,4 @@
-"""Who may use the SuperLink's Control API: researchers through SSH tunnels, and the deploy on the host.
+"""Access to the SuperLink's Control API: researchers' SSH tunnels, and the deploy on the host.
 
 The SuperLink serves the Control API only on loopback. A researcher reaches
 it with `ssh -N -L PORT:127.0.0.1:INTERNAL_PORT CONTROL_USER@SUPERLINK`: the

@@ -1,6 +1,6 @@
 """nginx in front of the SuperLink: the Fleet API only, for SuperNodes.
 
-The SuperLink listens on loopback; nginx terminates TLS on the public port,
+The SuperLink listens on loopback. nginx terminates TLS on the public port,
 publishes an exact allowlist of the Fleet routes (POST only) and re-encrypts
 to the SuperLink, checking its certificate.
 """
@@ -21,7 +21,7 @@ from .units import REMOTE_TLS, render
 NGINX_CONF = "/etc/nginx/conf.d/melody-fleet.conf"
 
 # The Fleet API routes a flwr 1.42 SuperNode calls, all POST under /v1/fleet/
-# (read from flwr's Fleet router). Everything else answers 404.
+# (read from flwr's Fleet router). Every other request gets 404.
 FLEET_ROUTES = (
     "register-node",
     "activate-node",

@@ -1,6 +1,6 @@
 """SuperNode authentication: a key pair made on each SuperNode, its public key registered.
 
-The private key is generated on the SuperNode host and never leaves it; the
+The private key is generated on the SuperNode host and never leaves it. The
 deploy reads only the public key and registers it with the SuperLink, on
 the SuperLink host, through the Control API on loopback.
 """
@@ -41,7 +41,7 @@ os.replace(path + ".tmp", path)
 
 # Reads the public keys of registered SuperNodes from the SuperLink's state
 # database, read-only. NOTE: this reads flwr 1.42's `node` table directly
-# because `flwr supernode list` does not show keys; a changed schema makes the
+# because `flwr supernode list` does not show keys. A changed schema makes the
 # fact empty, and the deploy then registers again, which is harmless.
 REGISTERED_KEYS = """\
 import sqlite3, sys
@@ -104,7 +104,7 @@ def openssh_to_pem(line: str) -> str:
 
 
 def is_registered(plan: HostPlan, public_key: str | None) -> bool:
-    """Return whether the SuperLink's database already holds this SuperNode's public key."""
+    """Return whether the SuperLink's database already contains this SuperNode's public key."""
     if public_key is None:
         return False
     superlink = plan.federation.superlink

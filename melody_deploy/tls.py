@@ -38,7 +38,7 @@ SUPPLIED_SETTINGS = ("melody_tls_ca_cert", "melody_tls_server_cert", "melody_tls
 
 
 class TlsError(ValueError):
-    """The TLS files are missing, do not parse or do not fit together; the message names the fix."""
+    """The TLS files are missing, do not parse or do not fit together. The message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def load_private_key(path: Path, setting: str):
     try:
         return serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError) as error:
-        # The error text of cryptography never contains key material.
+        # cryptography 42+ reports why parsing failed, without the key's bytes.
         raise TlsError(
             f"setting '{setting}' = '{path}' is not an unencrypted PEM private key ({error}); "
             f"give the key without a passphrase, for example after `openssl pkey -in KEY -out KEY.pem`"
@@ -144,7 +144,7 @@ def check_issued_by(certificate: x509.Certificate, ca: x509.Certificate, cert_se
 
 
 def check_supplied(settings: dict, required_names: list[str], now: datetime.datetime | None = None) -> TlsFiles:
-    """Check the operator's CA, certificate and key; raise TlsError naming the first problem."""
+    """Check the operator's CA, certificate and key, and raise TlsError naming the first problem."""
     now = now or utc_now()
     paths = {key: Path(settings[key]).expanduser() for key in SUPPLIED_SETTINGS}
     ca = load_certificate(paths["melody_tls_ca_cert"], "melody_tls_ca_cert")
@@ -272,7 +272,7 @@ def server_renewal_reason(folder: Path, ca: x509.Certificate, names: list[str], 
 
 def ensure_generated(folder: Path, names: list[str], valid_days: int, renew_days: int,
                      now: datetime.datetime | None = None) -> TlsFiles:
-    """Create or renew the CA and server certificate in `folder`; keep them when still good."""
+    """Create or renew the CA and server certificate in `folder`, keeping them while still valid."""
     now = now or utc_now()
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import subprocess
 import textwrap
@@ -93,7 +94,7 @@ def test_private_keys_readable_by_service_only(secured):
 def test_unregistered_supernode_rejected(secured):
     lab, _ = secured
     name = lab.supernodes[-1].name
-    # A SuperNode with a fresh key that nobody registered, with the right CA.
+    # A SuperNode with the right CA and a fresh key that was never registered.
     attempt = on_host(lab, name, textwrap.dedent("""\
         set -u
         folder=$(mktemp -d)
@@ -150,8 +151,8 @@ def test_control_api_closed_from_supernode(secured):
     name = lab.supernodes[0].name
 
     for method, path in CLOSED_PATHS:
-        answer = https_request(lab, name, method, path)
-        assert answer.startswith("404 "), f"{method} {path}: {answer}"
+        response = https_request(lab, name, method, path)
+        assert response.startswith("404 "), f"{method} {path}: {response}"
     assert https_request(lab, name, "GET", "/v1/fleet/get-run").startswith("403 ")
     # A Fleet route passes the front and reaches the SuperLink, which rejects the empty request itself.
     assert not https_request(lab, name, "POST", "/v1/fleet/get-run").startswith("404 ")
@@ -222,7 +223,7 @@ def test_control_api_open_through_tunnel(secured, tmp_path):
         configured = subprocess.run(
             [str(REPO / ".venv" / "bin" / "python"), "-m", "melody_deploy.researcher", "inventories/lab.py",
              "--connection", "lab", "--tunnel-port", str(port)],
-            cwd=REPO, env={**__import__("os").environ, **env_home}, capture_output=True, text=True,
+            cwd=REPO, env={**os.environ, **env_home}, capture_output=True, text=True,
         )
         assert configured.returncode == 0, configured.stderr
         listing = run_flwr(["ls", "lab", "--format", "json"], flwr_home, timeout=60)
@@ -329,7 +330,7 @@ def test_expired_certificate_refused_by_supernode(secured, tmp_path):
     certificate = (expired / tls.SERVER_CERT).read_text()
     key = (expired / tls.SERVER_KEY).read_text()
     # A TLS server on the SuperLink host that presents the expired certificate,
-    # as a SuperLink whose certificate nobody renewed would.
+    # as a SuperLink would after its certificate expired unrenewed.
     server = python_on(lab, "superlink", f"""
         import subprocess, textwrap
         folder = subprocess.run(["mktemp", "-d"], capture_output=True, text=True).stdout.strip()
