@@ -41,18 +41,20 @@ os.replace(path + ".tmp", path)
 
 # Reads the public keys of registered SuperNodes from the SuperLink's state
 # database, read-only. NOTE: this reads flwr 1.42's `node` table directly
-# because `flwr supernode list` does not show keys. A changed schema makes the
-# fact empty, and the deploy then registers again, which is harmless.
-REGISTERED_KEYS = """\
-import sqlite3, sys
-try:
-    connection = sqlite3.connect("file:" + sys.argv[1] + "?mode=ro", uri=True)
-    rows = connection.execute(
-        "SELECT public_key FROM node WHERE public_key IS NOT NULL AND status != 'unregistered'")
-    for (key,) in rows:
-        print(bytes(key).decode().replace("\\n", "|"))
-except sqlite3.Error:
-    pass
+# because `flwr supernode list` does not show keys. When the query fails (a
+# changed schema), the deploy registers every key and keeps keys it finds in use.
+QUERY_FAILED = "QUERY-FAILED"
+REGISTERED_KEYS = f"""\
+import os, sqlite3, sys
+if os.path.exists(sys.argv[1]):
+    try:
+        connection = sqlite3.connect("file:" + sys.argv[1] + "?mode=ro", uri=True)
+        rows = connection.execute(
+            "SELECT public_key FROM node WHERE public_key IS NOT NULL AND status != 'unregistered'")
+        for (key,) in rows:
+            print(bytes(key).decode().replace("\\n", "|"))
+    except sqlite3.Error:
+        print("{QUERY_FAILED}")
 """
 
 
@@ -76,7 +78,8 @@ class SupernodePublicKey(FactBase):
 class RegisteredPublicKeys(FactBase):
     """
     PEM public keys of the SuperNodes registered with the SuperLink, with
-    line breaks written as `|`; empty when the database does not exist yet.
+    line breaks written as `|`. Empty when the database does not exist yet,
+    None when it cannot be read.
 
     .. code:: python
 
@@ -91,7 +94,8 @@ class RegisteredPublicKeys(FactBase):
         return f"python3 -c {shlex.quote(REGISTERED_KEYS)} {shlex.quote(database)}"
 
     def process(self, output):
-        return [line for line in output if line.strip()]
+        lines = [line for line in output if line.strip()]
+        return None if QUERY_FAILED in lines else lines
 
 
 def openssh_to_pem(line: str) -> str:
@@ -103,14 +107,11 @@ def openssh_to_pem(line: str) -> str:
     return pem.decode().replace("\n", "|")
 
 
-def is_registered(plan: HostPlan, public_key: str | None) -> bool:
-    """Return whether the SuperLink's database already contains this SuperNode's public key."""
-    if public_key is None:
-        return False
+def registered_keys(plan: HostPlan) -> list[str] | None:
+    """Return the SuperLink's registered keys, or None when its database cannot be read."""
     superlink = plan.federation.superlink
     database = f"{superlink.settings['melody_superlink_state_dir']}/state.db"
-    registered = inventory.get_host(superlink.name).get_fact(RegisteredPublicKeys, database=database)
-    return openssh_to_pem(public_key) in registered
+    return inventory.get_host(superlink.name).get_fact(RegisteredPublicKeys, database=database)
 
 
 def register_script(plan: HostPlan, public_key: str) -> str:
@@ -118,24 +119,55 @@ def register_script(plan: HostPlan, public_key: str) -> str:
     return f"printf '%s\\n' {shlex.quote(public_key)} | {script} {shlex.quote(plan.host.name)}"
 
 
-def register_on_superlink(state, host, plan: HostPlan, key_path: str) -> None:
-    """Read the public key on this SuperNode, then register it on the SuperLink host."""
-    status, output = host.run_shell_command(f"cat {shlex.quote(key_path)}.pub")
-    if not status:
-        raise OperationError(f"cannot read {key_path}.pub on {host.name}: {output.stderr}")
-    public_key = output.stdout.strip()
+def generate_key_commands(plan: HostPlan, key_path: str) -> list[str]:
+    user = plan.settings["melody_service_user"]
+    auth_dir = key_path.rsplit("/", 1)[0]
+    return [
+        f"install -d -o {user} -g {user} -m 0700 {auth_dir}",
+        f"{plan.paths.venv}/bin/python -c {shlex.quote(GENERATE_KEY)} {key_path}",
+        f"chown {user}:{user} {key_path} {key_path}.pub",
+        f"chmod 0644 {key_path}.pub",
+    ]
 
+
+def register_on_superlink(state, host, plan: HostPlan, key_path: str, known_unregistered: bool) -> None:
+    """Read the public key on this SuperNode, then register it on the SuperLink host.
+
+    With `known_unregistered`, the SuperLink's database did not list the key
+    as registered. If the SuperLink still knows the key, it was unregistered,
+    and flwr 1.42 never accepts an unregistered key again. This SuperNode then
+    gets a new key, which is registered instead.
+    """
     superlink_host = inventory.get_host(plan.federation.superlink.name)
     if not superlink_host.connected:
         superlink_host.connect()
-    sudo = bool(superlink_host.data.get("_sudo", False))
-    status, output = superlink_host.run_shell_command(register_script(plan, public_key), _sudo=sudo)
-    if not status:
-        raise OperationError(
-            f"on {superlink_host.name}: {output.stderr}; if the SuperLink is not deployed yet, "
-            f"run deploy/superlink.py first"
-        )
-    host.log(output.stdout.strip())
+
+    for attempt in ("current", "new"):
+        status, output = host.run_shell_command(f"cat {shlex.quote(key_path)}.pub",
+                                                _sudo=bool(host.data.get("_sudo", False)))
+        if not status:
+            raise OperationError(f"cannot read {key_path}.pub on {host.name}: {output.stderr}")
+        public_key = output.stdout.strip()
+
+        status, output = superlink_host.run_shell_command(
+            register_script(plan, public_key), _sudo=bool(superlink_host.data.get("_sudo", False)))
+        if status:
+            host.log(output.stdout.strip())
+            return
+        if "already knows the key" in output.stderr and not known_unregistered:
+            host.log("the SuperLink knows this SuperNode's key already")
+            return
+        if "already knows the key" not in output.stderr or attempt == "new":
+            raise OperationError(
+                f"on {superlink_host.name}: {output.stderr}; if the SuperLink is not deployed yet, "
+                f"run deploy/superlink.py first"
+            )
+
+        host.log(f"the SuperLink unregistered the key {key_path} earlier; generating a new key")
+        status, output = host.run_shell_command(" && ".join(generate_key_commands(plan, key_path)),
+                                                _sudo=bool(host.data.get("_sudo", False)))
+        if not status:
+            raise OperationError(f"generating a new key on {host.name} failed: {output.stderr}")
 
 
 @deploy("SuperNode authentication key")
@@ -144,36 +176,31 @@ def register_supernode(plan: HostPlan):
 
     Return the registration operation, or None when the key was registered before.
     """
-    user = plan.settings["melody_service_user"]
     key_path = supernode_key_path(plan.settings)
-    auth_dir = key_path.rsplit("/", 1)[0]
     public_key = current_host.get_fact(SupernodePublicKey, path=key_path)
 
     if public_key is None:
         server.shell(
             name=f"authentication key {key_path} is generated on this host",
-            commands=[
-                f"install -d -o {user} -g {user} -m 0700 {auth_dir}",
-                f"{plan.paths.venv}/bin/python -c {shlex.quote(GENERATE_KEY)} {key_path}",
-                f"chown {user}:{user} {key_path} {key_path}.pub",
-                f"chmod 0644 {key_path}.pub",
-            ],
+            commands=generate_key_commands(plan, key_path),
         )
     else:
         current_host.noop(f"authentication key {key_path} exists")
 
-    if is_registered(plan, public_key):
+    registered = registered_keys(plan)
+    if public_key is not None and registered is not None and openssh_to_pem(public_key) in registered:
         current_host.noop(f"the public key of {plan.host.name} is registered with the SuperLink already")
         return None
-    registered = python.call(
+    registration = python.call(
         name="this SuperNode's public key is registered with the SuperLink",
         function=register_on_superlink,
         plan=plan,
         key_path=key_path,
+        known_unregistered=registered is not None,
     )
     # A SuperNode rejected before its registration may have hit its start limit.
     server.shell(
         name=f"{SUPERNODE_UNIT} may start again after its registration",
         commands=[f"systemctl reset-failed {SUPERNODE_UNIT} || true"],
     )
-    return registered
+    return registration

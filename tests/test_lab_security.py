@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -217,15 +218,9 @@ def test_researcher_key_rejected_from_supernode(secured):
 def test_control_api_open_through_tunnel(secured, tmp_path):
     lab, _ = secured
     flwr_home = tmp_path / "flwr-home"
-    env_home = {"FLWR_HOME": str(flwr_home)}
 
     with control_tunnel() as port:
-        configured = subprocess.run(
-            [str(REPO / ".venv" / "bin" / "python"), "-m", "melody_deploy.researcher", "inventories/lab.py",
-             "--connection", "lab", "--tunnel-port", str(port)],
-            cwd=REPO, env={**os.environ, **env_home}, capture_output=True, text=True,
-        )
-        assert configured.returncode == 0, configured.stderr
+        researcher_connection(flwr_home, port)
         listing = run_flwr(["ls", "lab", "--format", "json"], flwr_home, timeout=60)
         nodes = run_flwr(["supernode", "ls", "lab", "--format", "json"], flwr_home, timeout=60)
 
@@ -233,6 +228,48 @@ def test_control_api_open_through_tunnel(secured, tmp_path):
     assert "runs" in json.loads(listing.stdout)
     assert nodes.returncode == 0, nodes.stdout + nodes.stderr
     assert nodes.stdout.count('"online"') >= len(lab.supernodes), nodes.stdout
+
+
+def researcher_connection(flwr_home: Path, port: int) -> None:
+    configured = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "python"), "-m", "melody_deploy.researcher", "inventories/lab.py",
+         "--connection", "lab", "--tunnel-port", str(port)],
+        cwd=REPO, env={**os.environ, "FLWR_HOME": str(flwr_home)}, capture_output=True, text=True,
+    )
+    assert configured.returncode == 0, configured.stderr
+
+
+def latest_node_id(lab, name: str) -> str:
+    log = output_of(lab, name, f"journalctl --unit {SUPERNODE_UNIT} --no-pager --output cat")
+    return re.findall(r"SuperNode ID: (\d+)", log)[-1]
+
+
+def test_unregistered_node_gets_new_key(secured, tmp_path):
+    lab, _ = secured
+    name = lab.supernodes[-1].name
+    key_file = "/var/lib/melody-supernode/auth/supernode-key.pub"
+    old_key = output_of(lab, name, f"cat {key_file}")
+    old_pid = output_of(lab, name, f"systemctl show --property MainPID --value {SUPERNODE_UNIT}")
+    flwr_home = tmp_path / "flwr-home"
+
+    # A researcher unregisters this SuperNode; flwr 1.42 never accepts that key again.
+    with control_tunnel() as port:
+        researcher_connection(flwr_home, port)
+        removed = run_flwr(["supernode", "unregister", latest_node_id(lab, name), "lab"], flwr_home, timeout=60)
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    for _ in range(90):
+        if output_of(lab, name, f"systemctl show --property MainPID --value {SUPERNODE_UNIT}") != old_pid:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"{name} kept running after its key was unregistered")
+
+    redeployed = pyinfra("inventories/lab.py", "deploy/supernode.py")
+
+    assert_deployed(redeployed, "deploy/supernode.py after an unregistration")
+    assert "generating a new key" in redeployed.stdout + redeployed.stderr
+    assert output_of(lab, name, f"cat {key_file}") != old_key
+    assert output_of(lab, name, f"systemctl is-active {SUPERNODE_UNIT}") == "active"
 
 
 def probe_from_supernode_service(lab, name: str, address: str, port: int) -> str:
