@@ -6,7 +6,7 @@ alone. Preflight checks the whole inventory and the host before any change.
 
 from melody_deploy.backup import install_database_backup
 from melody_deploy.control_access import install_control_access
-from melody_deploy.fleet_front import install_fleet_front
+from melody_deploy.fleet_front import install_fleet_front, remove_fleet_front
 from melody_deploy.install import install_service_user, install_venv
 from melody_deploy.plan import prepare
 from melody_deploy.service import install_unit, run_service, superlink_check_script
@@ -30,11 +30,14 @@ if plan is not None:
     )
     venv = install_venv(plan)
 
-    # Security: TLS files, the Control API's access rules. Skipped without TLS.
+    # Security: TLS files and the Control API's access rules. Without TLS the
+    # SuperLink takes the public port, so an earlier nginx front must go.
     tls_files = []
     if plan.tls is not None:
         tls_files = install_tls_files(plan, server=True)
         install_control_access(plan)
+    else:
+        remove_fleet_front()
 
     unit = install_unit(SUPERLINK_UNIT, render_superlink_unit(plan.host, plan.paths))
     run_service(

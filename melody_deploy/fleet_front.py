@@ -92,3 +92,14 @@ def install_fleet_front(plan: HostPlan, changes: list) -> None:
         commands=[superlink_check_script("nginx.service", plan.settings["melody_superlink_port"])],
         _if=lambda: changed() or ensure.did_change(),
     )
+
+
+@deploy("Fleet API front removed")
+def remove_fleet_front() -> None:
+    """Remove the nginx front, so that a SuperLink without TLS can listen on the public port itself."""
+    removed = files.file(name=f"{NGINX_CONF} is absent without TLS", path=NGINX_CONF, present=False)
+    server.shell(
+        name="nginx no longer serves the Fleet front",
+        commands=["systemctl try-reload-or-restart nginx.service"],
+        _if=removed.did_change,
+    )

@@ -32,6 +32,8 @@ class Setting:
     choices: tuple[Any, ...] = ()
     # A valid value for error messages, for settings without a usable default.
     example: Any = None
+    # The README's Default column, where the default value alone would mislead.
+    default_text: str | None = None
 
     @property
     def required(self) -> bool:
@@ -112,14 +114,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("melody_tls_ca_cert", None, (str, type(None)), SUPERLINK,
             "Your own CA certificate (PEM file on the operator's machine); set it with the next two "
             "to use your certificates instead of generated ones.",
-            example="/etc/melody-operator/ca.pem"),
+            example="/etc/melody-operator/ca.pem", default_text="none: generated"),
     Setting("melody_tls_server_cert", None, (str, type(None)), SUPERLINK,
             "Your own SuperLink certificate (PEM); its names must include every address SuperNodes use, "
             "`localhost` and `127.0.0.1`.",
-            example="/etc/melody-operator/superlink.pem"),
+            example="/etc/melody-operator/superlink.pem", default_text="none: generated"),
     Setting("melody_tls_server_key", None, (str, type(None)), SUPERLINK,
             "Unencrypted PEM private key of `melody_tls_server_cert`.",
-            example="/etc/melody-operator/superlink.key"),
+            example="/etc/melody-operator/superlink.key", default_text="none: generated"),
     Setting("melody_tls_names", (), (list, tuple), SUPERLINK,
             "Extra DNS names or IP addresses for the generated SuperLink certificate."),
     Setting("melody_tls_valid_days", 365, int, SUPERLINK,
@@ -156,6 +158,8 @@ def format_type(setting: Setting) -> str:
 
 
 def format_default(setting: Setting) -> str:
+    if setting.default_text is not None:
+        return setting.default_text
     if setting.required:
         return "required"
     if setting.default is None:
