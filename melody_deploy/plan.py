@@ -34,9 +34,9 @@ class HostPlan:
     host: ResolvedHost
     wheelhouse: wheelhouses.Wheelhouse
     paths: HostPaths
-    federation: Federation
+    federation: Federation | None = None
     # None when the federation runs without TLS (melody_insecure).
-    tls: TlsFiles | None
+    tls: TlsFiles | None = None
     # IP addresses a SuperNode may connect to: its SuperLink's. Empty otherwise.
     egress_addresses: tuple[str, ...] = ()
 
