@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from melody_lab.control_tunnel import control_tunnel
 from melody_lab.demo import parse_run_id
 from test_lab_deploy import assert_deployed, on_host, output_of, pyinfra, run_flwr
 
@@ -55,13 +56,16 @@ def audited_run(lab, tmp_path_factory):
 
     flwr_home = tmp_path_factory.mktemp("flwr-home")
     env = dict(os.environ, FLWR_HOME=str(flwr_home))
-    configured = subprocess.run(
-        [sys.executable, "-m", "melody_deploy.researcher", "inventories/lab.py", "--connection", "lab"],
-        cwd=REPO, env=env, capture_output=True, text=True,
-    )
-    assert configured.returncode == 0, configured.stderr
-    run = run_flwr(["run", "melody_app", "lab", "--stream", "--run-config", "num-server-rounds=1"],
-                   flwr_home, timeout=900)
+    # The Control API is reachable only through the researcher's SSH tunnel.
+    with control_tunnel() as tunnel_port:
+        configured = subprocess.run(
+            [sys.executable, "-m", "melody_deploy.researcher", "inventories/lab.py", "--connection", "lab",
+             "--tunnel-port", str(tunnel_port)],
+            cwd=REPO, env=env, capture_output=True, text=True,
+        )
+        assert configured.returncode == 0, configured.stderr
+        run = run_flwr(["run", "melody_app", "lab", "--stream", "--run-config", "num-server-rounds=1"],
+                       flwr_home, timeout=900)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     return lab, parse_run_id(run.stdout)
 
