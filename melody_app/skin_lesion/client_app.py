@@ -2,11 +2,12 @@
 
 from logging import INFO
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
-from skin_lesion import task
+from skin_lesion import sitedata, task
 
 app = ClientApp()
 
@@ -19,70 +20,98 @@ def _site_name(context: Context) -> str:
     return f"partition-id={partition_id}"
 
 
+def _load_site(
+    context: Context, settings: task.RunSettings, site: str, splits: tuple[str, ...]
+) -> sitedata.SiteData:
+    """Read and check the site's data, using a decode cache outside data-dir."""
+    data_dir = sitedata.resolve_data_dir(context.node_config.get("data-dir"), site)
+    cache_dir = sitedata.resolve_cache_dir(context.node_config.get("cache-dir"), data_dir, site)
+    data = sitedata.load_site(data_dir, settings.data, site, splits=splits, cache_dir=cache_dir)
+    log(INFO, "Site %s: %s", site, data.summary())
+    return data
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received model on the site's `train` split and return it."""
+    """Train the received model on the site's train split and return it."""
+    settings = task.read_settings(context.run_config)
     site = _site_name(context)
-    data_dir = task.resolve_data_dir(context.node_config.get("data-dir"), site)
-    labels = task.parse_labels(str(context.run_config["labels"]))
-    local_epochs = int(context.run_config["local-epochs"])
-    learning_rate = float(context.run_config["learning-rate"])
-    batch_size = int(context.run_config["batch-size"])
-    seed = int(context.run_config["seed"])
-    server_round = int(msg.content["config"]["server-round"])
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    # FedProx sends its proximal weight with every round; FedAvg sends none.
+    proximal_mu = float(config.get("proximal-mu", 0.0))
 
-    train_set = task.load_split(data_dir, labels, task.TRAIN_SPLIT, site)
-    class_counts = task.count_labels(train_set, len(labels))
+    # Both splits are checked before training, so a bad test split fails round 1.
+    data = _load_site(context, settings, site, (sitedata.TRAIN_SPLIT, sitedata.TEST_SPLIT))
+    train_set = data.splits[sitedata.TRAIN_SPLIT]
+    class_counts = task.count_labels(train_set, len(settings.labels))
     device = task.pick_device()
     log(
         INFO,
         "Site %s, round %d: training on %s with %d images (per class: %s)",
         site,
         server_round,
-        device.type,
+        task.device_name(device),
         len(train_set),
-        ", ".join(f"{name} {count}" for name, count in zip(labels, class_counts)),
+        ", ".join(f"{name} {count}" for name, count in zip(settings.labels, class_counts)),
     )
 
-    model = task.Net(len(labels))
+    model = task.build_model(settings)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    train_loss = task.train(
+    result = task.train(
         model,
         train_set,
-        epochs=local_epochs,
-        learning_rate=learning_rate,
-        batch_size=batch_size,
-        class_weight=task.class_weights(class_counts),
+        epochs=settings.local_epochs,
+        learning_rate=task.round_learning_rate(
+            settings.learning_rate, server_round, settings.num_rounds
+        ),
+        batch_size=settings.batch_size,
+        class_weight=task.class_weights(class_counts, settings.class_weight_power),
         device=device,
-        # Vary shuffling and flips between rounds while keeping runs repeatable.
-        seed=seed + server_round,
+        # Vary shuffling and augmentation between rounds while keeping runs repeatable.
+        seed=settings.seed + server_round,
+        proximal_mu=proximal_mu,
     )
-    log(INFO, "Site %s, round %d: training loss %.4f", site, server_round, train_loss)
+    log(INFO, "Site %s, round %d: training loss %.4f, %.0f images/s", site, server_round,
+        result.loss, result.images_per_second)
 
-    metrics = MetricRecord({"train-loss": train_loss, "num-examples": len(train_set)})
-    # The ServerApp logs which device and how many images each site used.
-    site_info = ConfigRecord({"site": site, "device": device.type})
+    metrics = MetricRecord(
+        {
+            "train-loss": result.loss,
+            "num-examples": len(train_set),
+            "train-seconds": result.seconds,
+            "images-per-second": result.images_per_second,
+            "server-round": server_round,
+        }
+    )
+    # The ServerApp logs which device and how much data each site used.
+    site_info = ConfigRecord(
+        {"site": site, "device": task.device_name(device), "data": data.summary()}
+    )
     content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "site": site_info}
+        {"arrays": ArrayRecord(_cpu_state(model)), "metrics": metrics, "site": site_info}
     )
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received model on the site's `test` split and return per-class counts."""
+    """Evaluate the received model on the site's test split and return summable counts."""
+    settings = task.read_settings(context.run_config)
     site = _site_name(context)
-    data_dir = task.resolve_data_dir(context.node_config.get("data-dir"), site)
-    labels = task.parse_labels(str(context.run_config["labels"]))
-    batch_size = int(context.run_config["batch-size"])
     server_round = int(msg.content["config"]["server-round"])
 
-    test_set = task.load_split(data_dir, labels, task.TEST_SPLIT, site)
+    data = _load_site(context, settings, site, (sitedata.TEST_SPLIT,))
+    test_set = data.splits[sitedata.TEST_SPLIT]
     device = task.pick_device()
-    model = task.Net(len(labels))
+    model = task.build_model(settings)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     result = task.evaluate(
-        model, test_set, num_classes=len(labels), batch_size=batch_size, device=device
+        model, test_set, num_classes=len(settings.labels), batch_size=256, device=device
     )
     log(
         INFO,
@@ -90,22 +119,23 @@ def evaluate(msg: Message, context: Context) -> Message:
         "balanced accuracy %.4f",
         site,
         server_round,
-        device.type,
+        task.device_name(device),
         result.num_examples,
         result.loss,
         result.accuracy,
         result.balanced_accuracy,
     )
 
-    # Per-class counts let the ServerApp compute the balanced accuracy of the
-    # pooled test sets, which an average of site balanced accuracies is not.
+    # Counts, not ratios: the ServerApp adds them up over sites, which gives
+    # the metrics of the pooled test sets.
     metrics = MetricRecord(
         {
             "eval-loss": result.loss,
             "num-examples": result.num_examples,
-            "class-correct": [int(count) for count in result.class_correct],
-            "class-total": [int(count) for count in result.class_total],
+            "confusion": [int(count) for count in result.confusion.reshape(-1)],
+            "score-histograms": [int(count) for count in result.histograms.reshape(-1)],
+            "server-round": server_round,
         }
     )
-    site_info = ConfigRecord({"site": site, "device": device.type})
+    site_info = ConfigRecord({"site": site, "device": task.device_name(device)})
     return Message(content=RecordDict({"metrics": metrics, "site": site_info}), reply_to=msg)

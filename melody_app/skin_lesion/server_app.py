@@ -1,17 +1,18 @@
-"""ServerApp: federated averaging of the skin lesion classifier across sites."""
+"""ServerApp: FedAvg or FedProx of the skin lesion classifier across sites."""
 
 import json
-from functools import partial
-from logging import INFO
+import time
+from logging import ERROR, INFO
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAvg, FedProx, Result
 
-from skin_lesion import task
+from skin_lesion import artefacts, metrics, task
 
 # Scripts find the run's result in `flwr log` output by this prefix.
 RESULT_PREFIX = "MELODY_RESULT"
@@ -21,158 +22,209 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run `num-server-rounds` rounds of FedAvg and print the per-round metrics."""
-    num_rounds = int(context.run_config["num-server-rounds"])
-    fraction_train = float(context.run_config["fraction-train"])
-    min_nodes = int(context.run_config["min-nodes"])
-    labels = task.parse_labels(str(context.run_config["labels"]))
-    seed = int(context.run_config["seed"])
-    # Read here only to reject bad values before any site starts training.
-    local_epochs = int(context.run_config["local-epochs"])
-    learning_rate = float(context.run_config["learning-rate"])
-    batch_size = int(context.run_config["batch-size"])
+    """Run the configured rounds, print the per-round metrics and save the artefacts."""
+    settings = task.read_settings(context.run_config)
+    torch.manual_seed(settings.seed)
+    initial_model = task.build_model(settings)
+    model_bytes = task.parameter_bytes(initial_model)
+    log(INFO, "Labels (class index order): %s", ", ".join(settings.labels))
+    log(INFO, "Strategy %s, model width %d: %d parameter bytes per site and round",
+        settings.strategy, settings.model_width, model_bytes)
 
-    _require(num_rounds >= 1, "num-server-rounds", num_rounds, "1 or more")
-    _require(
-        0.0 < fraction_train <= 1.0,
-        "fraction-train",
-        fraction_train,
-        "greater than 0 and at most 1",
-    )
-    _require(min_nodes >= 1, "min-nodes", min_nodes, "1 or more")
-    _require(local_epochs >= 1, "local-epochs", local_epochs, "1 or more")
-    _require(learning_rate > 0.0, "learning-rate", learning_rate, "greater than 0")
-    _require(batch_size >= 1, "batch-size", batch_size, "1 or more")
-
-    torch.manual_seed(seed)
-    initial_model = task.Net(len(labels))
-    log(INFO, "Labels (class index order): %s", ", ".join(labels))
-
-    strategy = FedAvg(
-        fraction_train=fraction_train,
+    tracker = RoundTracker(list(settings.labels))
+    options = dict(
+        fraction_train=settings.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=1,
         min_evaluate_nodes=1,
-        min_available_nodes=min_nodes,
-        train_metrics_aggr_fn=aggregate_train_metrics,
-        evaluate_metrics_aggr_fn=partial(aggregate_evaluate_metrics, labels=labels),
+        min_available_nodes=settings.min_nodes,
+        train_metrics_aggr_fn=tracker.aggregate_train,
+        evaluate_metrics_aggr_fn=tracker.aggregate_evaluate,
     )
+    if settings.strategy == "fedprox":
+        strategy = FedProx(proximal_mu=settings.proximal_mu, **options)
+    else:
+        strategy = FedAvg(**options)
+    tracker.start()
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(initial_model.state_dict()),
-        num_rounds=num_rounds,
+        num_rounds=settings.num_rounds,
     )
 
-    rounds = summarize_rounds(result, num_rounds)
+    rounds = tracker.summarize(result, settings.num_rounds)
     for entry in rounds:
-        log(INFO, "Round %d summary: %s", entry["round"], json.dumps(entry))
-    print(f"{RESULT_PREFIX} {json.dumps({'rounds': rounds})}", flush=True)
+        log(INFO, "Round %d summary: %s", entry["round"], json.dumps(_scalars(entry)))
+
+    # Artefacts go under the working directory unless output-dir is absolute;
+    # deployed, that is the SuperLink's state directory.
+    run_dir = Path(settings.output_dir) / f"run-{context.run_id}"
+    saved = None
+    failure = None
+    try:
+        saved = artefacts.write_all(
+            run_dir.resolve(), result.arrays.to_torch_state_dict(), settings, rounds,
+            model_bytes,
+        )
+        log(INFO, "Saved the final model, metrics and plot in %s", saved.folder)
+    except OSError as error:
+        failure = error
+        log(ERROR, "Cannot save the run's artefacts in %s: %s", run_dir.resolve(), error)
+
+    line = {
+        "rounds": rounds,
+        "strategy": settings.strategy,
+        "model_parameter_bytes": model_bytes,
+        "artefacts": saved.as_dict() if saved else None,
+    }
+    print(f"{RESULT_PREFIX} {json.dumps(line)}", flush=True)
 
     # A round without results means that every sampled site failed, so the run fails too.
-    incomplete = [entry["round"] for entry in rounds if None in entry.values()]
+    incomplete = [entry["round"] for entry in rounds
+                  if entry["train_loss"] is None or entry["accuracy"] is None]
     if incomplete:
         raise RuntimeError(
             f"Rounds {incomplete} returned no training or evaluation results from any "
             "site. The site errors are logged above under 'Received error in reply'."
         )
-
-
-def _require(valid: bool, key: str, value: object, expected: str) -> None:
-    if not valid:
-        raise ValueError(
-            f"Invalid run config value {key}={value!r}: expected {expected}. "
-            f"Change it with flwr run --run-config '{key}=...' or in pyproject.toml."
+    if failure is not None:
+        raise RuntimeError(
+            f"Training finished but the artefacts could not be saved in {run_dir.resolve()} "
+            f"({failure}). Set the run config key output-dir to a folder the SuperLink's "
+            "user may write."
         )
 
 
-def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Log each site's training result and average the loss weighted by `weight_key`."""
-    losses = []
-    weights = []
-    for reply in replies:
-        metrics = reply.metric_records["metrics"]
-        site_info = reply.config_records.get("site")
-        site = site_info["site"] if site_info else "unknown"
-        device = site_info["device"] if site_info else "unknown"
-        log(
-            INFO,
-            "\tSite %s trained on %s with %d images: loss %.4f",
-            site,
-            device,
-            int(metrics[weight_key]),
-            float(metrics["train-loss"]),
-        )
-        losses.append(float(metrics["train-loss"]))
-        weights.append(float(metrics[weight_key]))
-
-    return MetricRecord(
-        {
-            "train-loss": float(np.average(losses, weights=weights)),
-            weight_key: int(sum(weights)),
-        }
-    )
+def _scalars(entry: dict) -> dict:
+    """Return a round entry without its per-site and per-class details, for the log."""
+    return {key: value for key, value in entry.items() if key not in ("sites", "confusion")}
 
 
-def aggregate_evaluate_metrics(
-    replies: list[RecordDict], weight_key: str, *, labels: list[str]
-) -> MetricRecord:
-    """Pool the sites' per-class counts into global accuracy and balanced accuracy.
+class RoundTracker:
+    """Aggregates the sites' replies and keeps every round's details for the result.
 
-    The balanced accuracy is the mean per-class recall of the pooled test sets,
-    not a mean of the sites' balanced accuracies. The loss is averaged
-    weighted by `weight_key`.
+    The strategy calls aggregate_train and aggregate_evaluate once per round
+    with the valid replies; each reply names its round.
     """
-    losses = []
-    weights = []
-    class_correct = np.zeros(len(labels), dtype=np.int64)
-    class_total = np.zeros(len(labels), dtype=np.int64)
-    for reply in replies:
-        metrics = reply.metric_records["metrics"]
-        correct = np.asarray(metrics["class-correct"], dtype=np.int64)
-        total = np.asarray(metrics["class-total"], dtype=np.int64)
-        if total.shape != class_total.shape or correct.shape != class_correct.shape:
-            raise ValueError(
-                f"A site returned per-class counts for {total.shape[0]} classes, but the "
-                f"run has {len(labels)} labels: all sites must run with the same labels."
-            )
-        class_correct += correct
-        class_total += total
-        losses.append(float(metrics["eval-loss"]))
-        weights.append(float(metrics[weight_key]))
 
-    recall_text = ", ".join(
-        f"{name} {correct / total:.3f}" if total else f"{name} (no images)"
-        for name, correct, total in zip(labels, class_correct, class_total)
-    )
-    log(INFO, "\tRecall per class of the pooled test sets: %s", recall_text)
-    return MetricRecord(
-        {
-            "eval-loss": float(np.average(losses, weights=weights)),
-            "accuracy": task.accuracy(class_correct, class_total),
-            "balanced-accuracy": task.balanced_accuracy(class_correct, class_total),
-            weight_key: int(class_total.sum()),
-        }
-    )
+    def __init__(self, labels: list[str]) -> None:
+        self.labels = labels
+        self.details: dict[int, dict] = {}
+        self.started = 0.0
+        self.last_mark = 0.0
 
+    def start(self) -> None:
+        self.started = self.last_mark = time.monotonic()
 
-def summarize_rounds(result: Result, num_rounds: int) -> list[dict]:
-    """Return one dict per round with the aggregated metrics, None where a round has none."""
-    rounds = []
-    for server_round in range(1, num_rounds + 1):
-        train_metrics = result.train_metrics_clientapp.get(server_round)
-        eval_metrics = result.evaluate_metrics_clientapp.get(server_round)
-        rounds.append(
+    def aggregate_train(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
+        """Log each site's training result and average the loss weighted by `weight_key`."""
+        losses, weights, sites = [], [], []
+        server_round = 0
+        for reply in replies:
+            values = reply.metric_records["metrics"]
+            site_info = reply.config_records.get("site")
+            server_round = int(values["server-round"])
+            sent = sum(len(array.data) for array in reply.array_records["arrays"].values())
+            site = {
+                "site": site_info["site"] if site_info else "unknown",
+                "device": site_info["device"] if site_info else "unknown",
+                "train_examples": int(values[weight_key]),
+                "train_seconds": round(float(values["train-seconds"]), 3),
+                "images_per_second": round(float(values["images-per-second"]), 1),
+                "sent_array_bytes": sent,
+            }
+            log(INFO, "\tSite %s trained on %s with %d images: loss %.4f, %.1f images/s, "
+                "sent %d array bytes", site["site"], site["device"], site["train_examples"],
+                float(values["train-loss"]), site["images_per_second"], sent)
+            if site_info and "data" in site_info:
+                log(INFO, "\tSite %s data: %s", site["site"], site_info["data"])
+            sites.append(site)
+            losses.append(float(values["train-loss"]))
+            weights.append(float(values[weight_key]))
+
+        self.details.setdefault(server_round, {})["sites"] = sites
+        return MetricRecord(
             {
-                "round": server_round,
-                "train_loss": _metric(train_metrics, "train-loss"),
-                "num_train_examples": _metric(train_metrics, "num-examples"),
-                "eval_loss": _metric(eval_metrics, "eval-loss"),
-                "accuracy": _metric(eval_metrics, "accuracy"),
-                "balanced_accuracy": _metric(eval_metrics, "balanced-accuracy"),
-                "num_examples": _metric(eval_metrics, "num-examples"),
+                "train-loss": float(np.average(losses, weights=weights)),
+                weight_key: int(sum(weights)),
             }
         )
-    return rounds
+
+    def aggregate_evaluate(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
+        """Pool the sites' confusion matrices and score histograms into the round's metrics.
+
+        Adding counts weights every site by its test images, so the metrics
+        are those of all sites' test images together.
+        """
+        size = len(self.labels)
+        confusion = np.zeros((size, size), dtype=np.int64)
+        histograms = np.zeros((size, 2, metrics.SCORE_BINS), dtype=np.int64)
+        losses, weights = [], []
+        server_round = 0
+        for reply in replies:
+            values = reply.metric_records["metrics"]
+            server_round = int(values["server-round"])
+            site_confusion = np.asarray(values["confusion"], dtype=np.int64)
+            site_histograms = np.asarray(values["score-histograms"], dtype=np.int64)
+            if site_confusion.size != confusion.size or site_histograms.size != histograms.size:
+                raise ValueError(
+                    f"A site returned counts for {int(np.sqrt(site_confusion.size))} classes, "
+                    f"but the run has {size} labels: all sites must run with the same labels."
+                )
+            confusion += site_confusion.reshape(confusion.shape)
+            histograms += site_histograms.reshape(histograms.shape)
+            losses.append(float(values["eval-loss"]))
+            weights.append(float(values[weight_key]))
+
+        recall = metrics.recall_per_class(confusion)
+        auc = metrics.macro_auc(histograms)
+        now = time.monotonic()
+        self.details.setdefault(server_round, {}).update(
+            confusion=confusion.tolist(),
+            recall=dict(zip(self.labels, recall)),
+            auc_per_class=dict(zip(self.labels, metrics.auc_per_class(histograms))),
+            round_seconds=round(now - self.last_mark, 2),
+        )
+        self.last_mark = now
+        log(INFO, "\tRecall per class of the pooled test sets: %s", ", ".join(
+            f"{name} {value:.3f}" if value is not None else f"{name} (no images)"
+            for name, value in zip(self.labels, recall)))
+        return MetricRecord(
+            {
+                "eval-loss": float(np.average(losses, weights=weights)),
+                "accuracy": metrics.accuracy(confusion),
+                "balanced-accuracy": metrics.balanced_accuracy(confusion),
+                "macro-auc": auc if auc is not None else float("nan"),
+                weight_key: int(confusion.sum()),
+            }
+        )
+
+    def summarize(self, result: Result, num_rounds: int) -> list[dict]:
+        """Return one dict per round with the aggregated metrics, None where a round has none."""
+        rounds = []
+        for server_round in range(1, num_rounds + 1):
+            train_metrics = result.train_metrics_clientapp.get(server_round)
+            eval_metrics = result.evaluate_metrics_clientapp.get(server_round)
+            details = self.details.get(server_round, {})
+            auc = _metric(eval_metrics, "macro-auc")
+            rounds.append(
+                {
+                    "round": server_round,
+                    "train_loss": _metric(train_metrics, "train-loss"),
+                    "num_train_examples": _metric(train_metrics, "num-examples"),
+                    "eval_loss": _metric(eval_metrics, "eval-loss"),
+                    "accuracy": _metric(eval_metrics, "accuracy"),
+                    "balanced_accuracy": _metric(eval_metrics, "balanced-accuracy"),
+                    "macro_auc": None if auc is None or np.isnan(auc) else auc,
+                    "num_examples": _metric(eval_metrics, "num-examples"),
+                    "round_seconds": details.get("round_seconds"),
+                    "recall": details.get("recall"),
+                    "auc_per_class": details.get("auc_per_class"),
+                    "confusion": details.get("confusion"),
+                    "sites": details.get("sites", []),
+                }
+            )
+        return rounds
 
 
 def _metric(record: MetricRecord | None, key: str) -> float | int | None:

@@ -1,90 +1,114 @@
-"""Model, site data loading, training and evaluation for the skin lesion classifier.
+"""Run settings, model, training and evaluation of the skin lesion classifier.
 
 This module has no Flower imports, so it can be tested and used without a
-federation. The ClientApp and ServerApp call it for everything but the wiring.
+federation (the benchmark trains the central baseline with it). The
+ClientApp and ServerApp call it for everything but the wiring.
 """
 
 from __future__ import annotations
 
-import csv
+import math
+import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-IMAGE_SIZE = 28
-MANIFEST_NAME = "labels.csv"
-MANIFEST_COLUMNS = ("image", "label", "split")
-TRAIN_SPLIT = "train"
-TEST_SPLIT = "test"
+from skin_lesion import metrics
+from skin_lesion.sitedata import DataSettings, ImageSet
 
-# How many bad rows an error message lists before it only counts the rest.
-MAX_LISTED_ROWS = 5
-
-
-class SiteDataError(ValueError):
-    """Invalid data at a site: the message names the site, the path or value, and the fix."""
+STRATEGIES = ("fedavg", "fedprox")
 
 
 @dataclass(frozen=True)
-class ImageSet:
-    """Decoded images of one split with their class indices."""
+class RunSettings:
+    """The run config, read once and checked: every site and the ServerApp share it."""
 
-    # uint8 pixels, shape (N, 3, IMAGE_SIZE, IMAGE_SIZE): a quarter of the memory of
-    # float32. Batches are scaled to [0, 1] when they are used.
-    images: torch.Tensor
-    targets: torch.Tensor  # int64, shape (N,), indices into the run's label list
+    num_rounds: int
+    local_epochs: int
+    learning_rate: float
+    batch_size: int
+    fraction_train: float
+    min_nodes: int
+    labels: tuple[str, ...]
+    seed: int
+    strategy: str
+    proximal_mu: float
+    image_size: int
+    model_width: int
+    class_weight_power: float
+    output_dir: str
+    data: DataSettings
 
-    def __len__(self) -> int:
-        return int(self.targets.shape[0])
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Loss and per-class counts of one model on one image set."""
-
-    loss: float  # mean unweighted cross-entropy per image
-    num_examples: int
-    class_correct: np.ndarray  # int64, correct predictions per class index
-    class_total: np.ndarray  # int64, images per class index
-
-    @property
-    def accuracy(self) -> float:
-        return accuracy(self.class_correct, self.class_total)
-
-    @property
-    def balanced_accuracy(self) -> float:
-        return balanced_accuracy(self.class_correct, self.class_total)
+    def as_dict(self) -> dict:
+        """Return the settings as JSON-ready values, for the saved model and metrics."""
+        values = {key: getattr(self, key) for key in self.__dataclass_fields__ if key != "data"}
+        values["labels"] = list(self.labels)
+        values["data"] = {**self.data.__dict__, "labels": list(self.data.labels)}
+        return values
 
 
-class Net(nn.Module):
-    """Small CNN for IMAGE_SIZE x IMAGE_SIZE RGB images."""
+def read_settings(config: Mapping[str, object]) -> RunSettings:
+    """Read and check the run config. Raises ValueError naming the key, value and fix."""
+    labels = tuple(parse_labels(str(config["labels"])))
+    settings = RunSettings(
+        num_rounds=int(config["num-server-rounds"]),
+        local_epochs=int(config["local-epochs"]),
+        learning_rate=float(config["learning-rate"]),
+        batch_size=int(config["batch-size"]),
+        fraction_train=float(config["fraction-train"]),
+        min_nodes=int(config["min-nodes"]),
+        labels=labels,
+        seed=int(config["seed"]),
+        strategy=str(config["strategy"]).strip().lower(),
+        proximal_mu=float(config["proximal-mu"]),
+        image_size=int(config["image-size"]),
+        model_width=int(config["model-width"]),
+        class_weight_power=float(config["class-weight-power"]),
+        output_dir=str(config["output-dir"]),
+        data=DataSettings(
+            labels=labels,
+            image_size=int(config["image-size"]),
+            manifest_file=str(config["manifest-file"]),
+            image_column=str(config["image-column"]),
+            label_column=str(config["label-column"]),
+            split_column=str(config["split-column"]),
+            group_column=str(config["group-column"]),
+            test_fraction=float(config["test-fraction"]),
+        ),
+    )
 
-    def __init__(self, num_classes: int) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 32, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),  # 28 -> 14
-            nn.Conv2d(32, 64, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),  # 14 -> 7
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(64 * 7 * 7, 128),
-            nn.ReLU(),
-            nn.Dropout(0.25),
-            nn.Linear(128, num_classes),
-        )
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # Centre the [0, 1] pixel values so the first layer starts near zero mean.
-        return self.classifier(self.features(images - 0.5))
+    checks = [
+        (settings.num_rounds >= 1, "num-server-rounds", settings.num_rounds, "1 or more"),
+        (settings.local_epochs >= 1, "local-epochs", settings.local_epochs, "1 or more"),
+        (settings.learning_rate > 0, "learning-rate", settings.learning_rate, "greater than 0"),
+        (settings.batch_size >= 1, "batch-size", settings.batch_size, "1 or more"),
+        (0 < settings.fraction_train <= 1, "fraction-train", settings.fraction_train,
+         "greater than 0 and at most 1"),
+        (settings.min_nodes >= 1, "min-nodes", settings.min_nodes, "1 or more"),
+        (settings.strategy in STRATEGIES, "strategy", settings.strategy,
+         " or ".join(STRATEGIES)),
+        (settings.proximal_mu >= 0, "proximal-mu", settings.proximal_mu, "0 or more"),
+        (8 <= settings.image_size <= 224, "image-size", settings.image_size,
+         "between 8 and 224 pixels"),
+        (1 <= settings.model_width <= 256, "model-width", settings.model_width,
+         "between 1 and 256 channels"),
+        (0 <= settings.class_weight_power <= 1, "class-weight-power",
+         settings.class_weight_power, "between 0 (no weighting) and 1 (balanced)"),
+        (0 < settings.data.test_fraction < 1, "test-fraction", settings.data.test_fraction,
+         "greater than 0 and less than 1"),
+        (bool(settings.output_dir.strip()), "output-dir", settings.output_dir, "a folder path"),
+    ]
+    for valid, key, value, expected in checks:
+        if not valid:
+            raise ValueError(
+                f"Invalid run config value {key}={value!r}: expected {expected}. "
+                f"Change it with flwr run --run-config '{key}=...' or in pyproject.toml."
+            )
+    return settings
 
 
 def parse_labels(labels: str) -> list[str]:
@@ -114,161 +138,66 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_data_dir(data_dir: object, site: str) -> Path:
-    """Check the node config value `data-dir` and return it as a Path.
+def device_name(device: torch.device) -> str:
+    """Return "cpu", or "cuda (GPU model)" so logs say which accelerator a site used."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
 
-    `site` names the SuperNode in error messages, for example "partition-id=0".
-    """
-    fix = (
-        "Start the SuperNode with --node-config 'data-dir=\"/absolute/folder\"' "
-        f"naming the folder that contains {MANIFEST_NAME}."
+
+# The model
+
+
+def _conv_block(channels_in: int, channels_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(channels_in, channels_out, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(channels_out),
+        nn.ReLU(inplace=True),
     )
-    if data_dir is None or (isinstance(data_dir, str) and not data_dir.strip()):
-        raise SiteDataError(f"Site {site}: node config key data-dir is missing. {fix}")
-    if not isinstance(data_dir, str):
-        raise SiteDataError(
-            f"Site {site}: node config value data-dir={data_dir!r} is not a string. {fix}"
-        )
-
-    path = Path(data_dir)
-    if not path.is_absolute():
-        raise SiteDataError(
-            f"Site {site}: node config value data-dir={data_dir!r} is not an absolute "
-            f"path. {fix}"
-        )
-    if not path.is_dir():
-        raise SiteDataError(
-            f"Site {site}: data-dir {path} is not found or is not a folder. {fix}"
-        )
-    return path
 
 
-def load_split(data_dir: Path, labels: list[str], split: str, site: str) -> ImageSet:
-    """Read the manifest in `data_dir` and decode the images of one split.
+class Net(nn.Module):
+    """A VGG-style CNN: three stages of two 3x3 convolutions, then global average pooling.
 
-    The manifest `labels.csv` has the columns image,label,split, and image
-    paths relative to `data_dir`. Rows of other splits are checked too but not
-    decoded. Images of any size are converted to RGB and resized to
-    IMAGE_SIZE x IMAGE_SIZE. Raises SiteDataError for a missing manifest,
-    missing columns, unknown labels, unreadable images or an empty split.
-    Nothing is written to `data_dir`.
+    `width` is the channel count of the first stage; the stages have width,
+    2 x width and 4 x width channels. Width 32 has about 0.29 M parameters.
+    Global pooling lets the same model take any image size.
     """
-    rows = _read_manifest(data_dir, labels, site)
-    selected = [
-        (line, image, label) for line, image, label, row_split in rows if row_split == split
-    ]
-    if not selected:
-        found = Counter(row_split for _, _, _, row_split in rows)
-        found_text = ", ".join(f"{name!r} ({count})" for name, count in sorted(found.items()))
-        raise SiteDataError(
-            f"Site {site}: manifest {data_dir / MANIFEST_NAME} has no rows with "
-            f"split {split!r} (splits found: {found_text or 'none'}). Mark the "
-            f"images to use with split {split!r}."
+
+    def __init__(self, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_block(3, width),
+            _conv_block(width, width),
+            nn.MaxPool2d(2),
+            _conv_block(width, 2 * width),
+            _conv_block(2 * width, 2 * width),
+            nn.MaxPool2d(2),
+            _conv_block(2 * width, 4 * width),
+            _conv_block(4 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(0.2),
+            nn.Linear(4 * width, num_classes),
         )
 
-    class_index = {name: index for index, name in enumerate(labels)}
-    pixels = np.empty((len(selected), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    targets = np.empty(len(selected), dtype=np.int64)
-    failures: list[str] = []
-
-    for position, (line, image, label) in enumerate(selected):
-        path = data_dir / image
-        try:
-            pixels[position] = _decode_image(path)
-        except (OSError, Image.DecompressionBombError) as error:
-            failures.append(f"line {line}: {path} ({error})")
-            continue
-        targets[position] = class_index[label]
-
-    if failures:
-        raise SiteDataError(
-            f"Site {site}: {len(failures)} image(s) of split {split!r} in "
-            f"{data_dir / MANIFEST_NAME} cannot be read: {_join_first(failures)}. "
-            "Fix or remove these rows, or restore the image files."
-        )
-
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
-    return ImageSet(images=images, targets=torch.from_numpy(targets))
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # Centre the [0, 1] pixel values so the first layer starts near zero mean.
+        return self.classifier(self.features(images - 0.5))
 
 
-def _read_manifest(
-    data_dir: Path, labels: list[str], site: str
-) -> list[tuple[int, str, str, str]]:
-    """Return the manifest rows as (line number, image, label, split), all checked."""
-    manifest = data_dir / MANIFEST_NAME
-    if not manifest.is_file():
-        raise SiteDataError(
-            f"Site {site}: manifest {manifest} is not found. Put a {MANIFEST_NAME} with "
-            f"the columns {','.join(MANIFEST_COLUMNS)} in data-dir {data_dir}."
-        )
-
-    try:
-        # utf-8-sig also reads files that a spreadsheet saved with a byte order mark.
-        with manifest.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            header = [name.strip() for name in reader.fieldnames or []]
-            missing = [column for column in MANIFEST_COLUMNS if column not in header]
-            if missing:
-                raise SiteDataError(
-                    f"Site {site}: manifest {manifest} is missing the column(s) "
-                    f"{', '.join(missing)} (header found: {','.join(header) or 'none'}). "
-                    f"The first line must name the columns {','.join(MANIFEST_COLUMNS)}."
-                )
-            reader.fieldnames = header
-            # line_num counts physical lines, so skipped blank lines keep the numbers right.
-            raw_rows = [(reader.line_num, raw) for raw in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise SiteDataError(
-            f"Site {site}: manifest {manifest} cannot be read ({error}). Save it as a "
-            "UTF-8 CSV file readable by the SuperNode's user."
-        ) from error
-
-    allowed = set(labels)
-    rows: list[tuple[int, str, str, str]] = []
-    unknown: list[str] = []
-    bad_paths: list[str] = []
-
-    for line, raw in raw_rows:
-        image = (raw["image"] or "").strip()
-        label = (raw["label"] or "").strip()
-        split = (raw["split"] or "").strip()
-        if label not in allowed:
-            unknown.append(f"line {line}: {label!r}")
-        if not image or Path(image).is_absolute():
-            bad_paths.append(f"line {line}: {image!r}")
-        rows.append((line, image, label, split))
-
-    if unknown:
-        raise SiteDataError(
-            f"Site {site}: manifest {manifest} has {len(unknown)} row(s) with a label "
-            f"outside the run's label set {','.join(labels)}: {_join_first(unknown)}. "
-            "Relabel these rows with one of those codes, or remove them."
-        )
-    if bad_paths:
-        raise SiteDataError(
-            f"Site {site}: manifest {manifest} has {len(bad_paths)} row(s) with an "
-            f"empty or absolute image path: {_join_first(bad_paths)}. Give each image "
-            f"as a path relative to {data_dir}."
-        )
-    return rows
+def build_model(settings: RunSettings) -> Net:
+    return Net(len(settings.labels), settings.model_width)
 
 
-def _join_first(problems: list[str]) -> str:
-    """Join the first MAX_LISTED_ROWS problems with "; " and count the rest."""
-    text = "; ".join(problems[:MAX_LISTED_ROWS])
-    remaining = len(problems) - MAX_LISTED_ROWS
-    if remaining > 0:
-        text += f"; and {remaining} more"
-    return text
+def parameter_bytes(model: nn.Module) -> int:
+    """Return the bytes of the model's state dict arrays, which a site sends each round."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
 
 
-def _decode_image(path: Path) -> np.ndarray:
-    """Decode one image file into a uint8 array of shape (IMAGE_SIZE, IMAGE_SIZE, 3)."""
-    with Image.open(path) as image:
-        rgb = image.convert("RGB")
-    if rgb.size != (IMAGE_SIZE, IMAGE_SIZE):
-        rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
+# Training
 
 
 def count_labels(data: ImageSet, num_classes: int) -> np.ndarray:
@@ -276,18 +205,36 @@ def count_labels(data: ImageSet, num_classes: int) -> np.ndarray:
     return np.bincount(data.targets.numpy(), minlength=num_classes).astype(np.int64)
 
 
-def class_weights(class_counts: np.ndarray) -> torch.Tensor:
-    """Return cross-entropy class weights that give each present class equal total weight.
+def class_weights(class_counts: np.ndarray, power: float) -> torch.Tensor:
+    """Return cross-entropy weights proportional to count ** -power, averaging 1 per image.
 
-    A present class c gets total / (present_classes * count_c), so the weights
-    average to 1 over the images. Absent classes get weight 0 because no target
-    uses them. A class with very few images gets a large weight.
+    Power 0 weights every image the same; power 1 gives every present class
+    the same total weight (balanced). Values in between soften the imbalance
+    without giving a handful of rare images a huge weight. Absent classes
+    get weight 0 because no target uses them.
     """
     counts = np.asarray(class_counts, dtype=np.float64)
     present = counts > 0
     weights = np.zeros_like(counts)
-    weights[present] = counts.sum() / (present.sum() * counts[present])
+    weights[present] = counts[present] ** -power
+    weights *= counts.sum() / np.sum(weights * counts)
     return torch.tensor(weights, dtype=torch.float32)
+
+
+def round_learning_rate(base: float, server_round: int, num_rounds: int) -> float:
+    """Return the learning rate of `server_round` (1-based) on a cosine decay to 5 % of `base`.
+
+    Sites compute it from the round number, so the ServerApp sends nothing extra.
+    """
+    progress = (server_round - 1) / max(num_rounds, 1)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean class-weighted training loss per image
+    seconds: float
+    images_per_second: float
 
 
 def train(
@@ -300,111 +247,140 @@ def train(
     class_weight: torch.Tensor,
     device: torch.device,
     seed: int,
-) -> float:
-    """Train `model` in place with Adam and class-weighted cross-entropy.
+    proximal_mu: float = 0.0,
+) -> TrainResult:
+    """Train `model` in place with AdamW, class-weighted cross-entropy and augmentation.
 
-    Batches are shuffled and randomly flipped (lesions have no fixed
-    orientation) from a generator seeded with `seed`. Returns the mean
-    class-weighted training loss per image over all epochs.
+    With `proximal_mu` > 0 the loss adds mu / 2 times the squared distance of
+    the weights from those the model started with (FedProx). Batches are
+    shuffled and augmented from a generator seeded with `seed`.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs={epochs} and batch_size={batch_size} must both be 1 or more.")
 
+    started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     model.to(device)
     model.train()
     criterion = nn.CrossEntropyLoss(weight=class_weight.to(device))
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    anchor = [parameter.detach().clone() for parameter in model.parameters()]
 
     loss_sum = 0.0
     seen = 0
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=generator)
-        for start in range(0, len(data), batch_size):
+        # A last batch of one image would break batch normalisation.
+        starts = [start for start in range(0, len(data), batch_size)
+                  if len(data) - start > 1 or start == 0]
+        for start in starts:
             indices = order[start : start + batch_size]
-            images = _random_flips(_scale(data.images[indices]), generator).to(device)
+            images = augment(scale(data.images[indices]), generator).to(device)
             targets = data.targets[indices].to(device)
 
             optimizer.zero_grad()
             loss = criterion(model(images), targets)
-            loss.backward()
+            total = loss
+            if proximal_mu > 0:
+                distance = sum(
+                    (parameter - start_value).pow(2).sum()
+                    for parameter, start_value in zip(model.parameters(), anchor)
+                )
+                total = loss + proximal_mu / 2 * distance
+            total.backward()
             optimizer.step()
 
             loss_sum += loss.item() * len(indices)
             seen += len(indices)
-    return loss_sum / seen
+    seconds = time.perf_counter() - started
+    return TrainResult(loss=loss_sum / seen, seconds=seconds, images_per_second=seen / seconds)
 
 
-def _scale(pixels: torch.Tensor) -> torch.Tensor:
+def scale(pixels: torch.Tensor) -> torch.Tensor:
     """Convert uint8 pixels to float32 values in [0, 1]."""
     return pixels.float().div_(255.0)
 
 
-def _random_flips(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip each image horizontally and vertically with probability 0.5 each, in place."""
-    flip_h = torch.rand(images.shape[0], generator=generator) < 0.5
-    flip_v = torch.rand(images.shape[0], generator=generator) < 0.5
-    images[flip_h] = images[flip_h].flip(-1)
-    images[flip_v] = images[flip_v].flip(-2)
-    return images
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Randomly rotate by multiples of 90 degrees, flip, shift and change brightness.
+
+    Lesions have no fixed orientation, so rotations and flips keep the label.
+    """
+    count = images.shape[0]
+    turns = torch.randint(0, 4, (count,), generator=generator)
+    for quarter in range(1, 4):
+        chosen = turns == quarter
+        if chosen.any():
+            images[chosen] = torch.rot90(images[chosen], quarter, dims=(-2, -1))
+    flipped = torch.rand(count, generator=generator) < 0.5
+    images[flipped] = images[flipped].flip(-1)
+
+    # Shift by up to an eighth of the side, filling with the mirrored border.
+    pad = max(1, images.shape[-1] // 8)
+    padded = nn.functional.pad(images, (pad, pad, pad, pad), mode="reflect")
+    offsets = torch.randint(0, 2 * pad + 1, (count, 2), generator=generator)
+    size = images.shape[-1]
+    steps = torch.arange(size)
+    rows = (offsets[:, 0, None] + steps)[:, None, :, None]
+    cols = (offsets[:, 1, None] + steps)[:, None, None, :]
+    shifted = padded[torch.arange(count)[:, None, None, None],
+                     torch.arange(images.shape[1])[None, :, None, None], rows, cols]
+
+    brightness = 1 + (torch.rand(count, 1, 1, 1, generator=generator) - 0.5) * 0.2
+    contrast = 1 + (torch.rand(count, 1, 1, 1, generator=generator) - 0.5) * 0.2
+    mean = shifted.mean(dim=(1, 2, 3), keepdim=True)
+    return ((shifted - mean) * contrast + mean * brightness).clamp_(0, 1)
+
+
+# Evaluation
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What one model scored on one image set, as counts that sites can add up."""
+
+    loss: float  # mean unweighted cross-entropy per image
+    num_examples: int
+    confusion: np.ndarray  # int64 (classes, classes): [true, predicted]
+    histograms: np.ndarray  # int64 (classes, 2, bins): see metrics.score_histograms
+
+    @property
+    def accuracy(self) -> float:
+        return metrics.accuracy(self.confusion)
+
+    @property
+    def balanced_accuracy(self) -> float:
+        return metrics.balanced_accuracy(self.confusion)
+
+    @property
+    def macro_auc(self) -> float | None:
+        return metrics.macro_auc(self.histograms)
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, data: ImageSet, *, num_classes: int, batch_size: int, device: torch.device
 ) -> Evaluation:
-    """Return the mean unweighted cross-entropy and per-class counts of `model` on `data`."""
+    """Return the loss, confusion matrix and score histograms of `model` on `data`."""
     model.to(device)
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     loss_sum = 0.0
     predictions = []
+    scores = []
 
     for start in range(0, len(data), batch_size):
-        images = _scale(data.images[start : start + batch_size]).to(device)
+        images = scale(data.images[start : start + batch_size]).to(device)
         targets = data.targets[start : start + batch_size].to(device)
         logits = model(images)
         loss_sum += criterion(logits, targets).item()
         predictions.append(logits.argmax(dim=1).cpu())
+        scores.append(metrics.one_vs_rest_scores(logits).cpu())
 
-    predicted = torch.cat(predictions).numpy()
-    correct, total = count_per_class(data.targets.numpy(), predicted, num_classes)
+    targets = data.targets.numpy()
     return Evaluation(
         loss=loss_sum / len(data),
         num_examples=len(data),
-        class_correct=correct,
-        class_total=total,
+        confusion=metrics.confusion_matrix(targets, torch.cat(predictions).numpy(), num_classes),
+        histograms=metrics.score_histograms(torch.cat(scores).numpy(), targets, num_classes),
     )
-
-
-def count_per_class(
-    targets: np.ndarray, predicted: np.ndarray, num_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return (correct predictions, images) per class index, as int64 arrays."""
-    targets = np.asarray(targets, dtype=np.int64)
-    predicted = np.asarray(predicted, dtype=np.int64)
-    total = np.bincount(targets, minlength=num_classes)
-    correct = np.bincount(targets[predicted == targets], minlength=num_classes)
-    return correct.astype(np.int64), total.astype(np.int64)
-
-
-def accuracy(class_correct: np.ndarray, class_total: np.ndarray) -> float:
-    """Return the fraction of correct predictions. Raises ValueError without images."""
-    total = int(np.sum(class_total))
-    if total == 0:
-        raise ValueError("Accuracy is undefined without images.")
-    return float(np.sum(class_correct)) / total
-
-
-def balanced_accuracy(class_correct: np.ndarray, class_total: np.ndarray) -> float:
-    """Return the mean recall over the classes that have at least one image.
-
-    Summing the counts of several sites before calling this gives the
-    balanced accuracy of the pooled test sets. Raises ValueError without images.
-    """
-    correct = np.asarray(class_correct, dtype=np.float64)
-    total = np.asarray(class_total, dtype=np.float64)
-    present = total > 0
-    if not present.any():
-        raise ValueError("Balanced accuracy is undefined without images.")
-    return float(np.mean(correct[present] / total[present]))

@@ -1,0 +1,263 @@
+"""Benchmark the federated skin lesion app on DermaMNIST against central training.
+
+    .venv/bin/python benchmarks/app_dermamnist.py [--rounds 20] [--out DIR]
+
+The official train split is divided over 3 sites with label skew (per class,
+Dirichlet(alpha) shares, seeded); the official test split is divided evenly,
+so the pooled federated evaluation covers exactly the official test split.
+The federated run uses the real ServerApp and ClientApp code, with the sites
+in this process (`--runtime inprocess`, no lab needed) or on a deployed lab
+(`--runtime lab`, after `melody_lab up --supernodes 3 --dataset OUT/lab-data`
+and a deploy; see docs/benchmarks.md). The central baseline trains the same
+model with the same code on the union of the shards, for the same number of
+passes over the data with the same learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "melody_app"
+DERMAMNIST = REPO.parent / "shared" / "data" / "dermamnist28"
+sys.path.insert(0, str(APP_DIR))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from inprocess_grid import InProcessGrid, Site  # noqa: E402
+from skin_lesion import client_app, server_app, sitedata, task  # noqa: E402
+
+log = logging.getLogger("benchmark")
+RESULT_PREFIX = "MELODY_RESULT "
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+# Published centralised MedMNIST v2 results on the DermaMNIST 28x28 test split.
+TARGET_AUC = 0.92
+TARGET_ACCURACY = 0.77
+TARGET_RATIO = 0.95
+
+
+def default_run_config() -> dict:
+    with (APP_DIR / "pyproject.toml").open("rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+
+
+def read_rows(dataset: Path) -> list[dict[str, str]]:
+    with (dataset / "labels.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def partition(rows: list[dict[str, str]], labels: list[str], num_sites: int, alpha: float,
+              seed: int) -> list[list[dict[str, str]]]:
+    """Split train rows per class by Dirichlet(alpha) shares; test rows evenly at random."""
+    rng = np.random.default_rng(seed)
+    shards: list[list[dict[str, str]]] = [[] for _ in range(num_sites)]
+    for label in labels:
+        members = [row for row in rows if row["split"] == "train" and row["label"] == label]
+        order = rng.permutation(len(members))
+        shares = rng.dirichlet([alpha] * num_sites)
+        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+        for site, indices in enumerate(np.split(order, cuts)):
+            shards[site].extend(members[index] for index in indices)
+
+    test_rows = [row for row in rows if row["split"] == "test"]
+    for position, index in enumerate(rng.permutation(len(test_rows))):
+        shards[position % num_sites].append(test_rows[index])
+    return shards
+
+
+def write_site(folder: Path, rows: list[dict[str, str]]) -> Path:
+    """Write a site's labels.csv; its images folder links to the shared, read-only images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / "images"
+    if not link.exists():
+        link.symlink_to(DERMAMNIST / "images", target_is_directory=True)
+    with (folder / "labels.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "label", "split"],
+                                extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def run_inprocess(site_dirs: list[Path], run_config: dict, out: Path) -> dict:
+    """Run the ServerApp with the sites' ClientApps in this process; return its result."""
+    sites = [Site(node_id=index + 1, node_config={
+        "partition-id": index, "data-dir": str(folder), "cache-dir": str(out / "cache")})
+        for index, folder in enumerate(site_dirs)]
+    grid = InProcessGrid(client_app.app, sites, run_id=1, run_config=run_config)
+    context = server_app.Context(1, 0, {}, server_app.RecordDict(), run_config)
+    server_app.app(grid, context)
+    metrics_file = Path(run_config["output-dir"]) / "run-1" / "metrics.json"
+    result = json.loads(metrics_file.read_text())
+    result["reply_bytes"] = {f"partition-id={site.node_id - 1}": site.sent_bytes for site in sites}
+    return result
+
+
+def run_lab(run_config: dict, connection: str, flwr_home: Path) -> dict:
+    """Submit the app to a deployed federation and parse its MELODY_RESULT line."""
+    overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items()
+                         if key not in ("output-dir",))
+    env = {"FLWR_HOME": str(flwr_home), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    completed = subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), connection, "--stream",
+         "--run-config", overrides],
+        capture_output=True, text=True, env=env, cwd=REPO, check=False,
+    )
+    output = ANSI_ESCAPE.sub("", completed.stdout)
+    lines = [line for line in output.splitlines() if RESULT_PREFIX in line]
+    if completed.returncode != 0 or not lines:
+        raise RuntimeError(f"flwr run failed ({completed.returncode}):\n{output[-4000:]}"
+                           f"\n{completed.stderr[-2000:]}")
+    return json.loads(lines[-1].split(RESULT_PREFIX, 1)[1])
+
+
+def run_central(site_dirs: list[Path], settings: task.RunSettings, out: Path) -> dict:
+    """Train the same model with the same code on the union of the sites' train splits."""
+    images, targets, tests = [], [], []
+    for folder in site_dirs:
+        data = sitedata.load_site(folder, settings.data, "central", cache_dir=out / "cache")
+        images.append(data.splits["train"].images)
+        targets.append(data.splits["train"].targets)
+        tests.append(data.splits["test"])
+    train_set = sitedata.ImageSet(torch.cat(images), torch.cat(targets))
+    test_set = sitedata.ImageSet(torch.cat([item.images for item in tests]),
+                                 torch.cat([item.targets for item in tests]))
+    device = task.pick_device()
+    torch.manual_seed(settings.seed)
+    model = task.build_model(settings)
+    weights = task.class_weights(task.count_labels(train_set, len(settings.labels)),
+                                 settings.class_weight_power)
+
+    rounds = []
+    for server_round in range(1, settings.num_rounds + 1):
+        started = time.perf_counter()
+        trained = task.train(
+            model, train_set, epochs=settings.local_epochs,
+            learning_rate=task.round_learning_rate(settings.learning_rate, server_round,
+                                                   settings.num_rounds),
+            batch_size=settings.batch_size, class_weight=weights, device=device,
+            seed=settings.seed + server_round)
+        result = task.evaluate(model, test_set, num_classes=len(settings.labels),
+                               batch_size=256, device=device)
+        rounds.append({"round": server_round, "train_loss": trained.loss,
+                       "accuracy": result.accuracy, "balanced_accuracy": result.balanced_accuracy,
+                       "macro_auc": result.macro_auc, "round_seconds":
+                       round(time.perf_counter() - started, 2),
+                       "images_per_second": round(trained.images_per_second, 1)})
+        log.info("central round %d: %s", server_round, json.dumps(rounds[-1]))
+    return {"device": task.device_name(device), "train_examples": len(train_set),
+            "test_examples": len(test_set), "rounds": rounds}
+
+
+def report(federated: dict, central: dict | None) -> dict:
+    last = federated["rounds"][-1]
+    summary = {
+        "federated": {key: last[key] for key in ("accuracy", "balanced_accuracy", "macro_auc")},
+        "targets_met": {
+            "macro_auc": last["macro_auc"] >= TARGET_AUC,
+            "accuracy": last["accuracy"] >= TARGET_ACCURACY,
+        },
+        "mean_round_seconds": float(np.mean([entry["round_seconds"]
+                                             for entry in federated["rounds"]])),
+        "per_site": {},
+        "model_parameter_bytes": federated["model_parameter_bytes"],
+    }
+    for entry in federated["rounds"]:
+        for site in entry["sites"]:
+            summary["per_site"].setdefault(site["site"], []).append(site)
+    summary["per_site"] = {
+        name: {"device": items[-1]["device"], "train_examples": items[-1]["train_examples"],
+               "mean_images_per_second": float(np.mean([i["images_per_second"] for i in items])),
+               "sent_array_bytes_per_round": items[-1]["sent_array_bytes"]}
+        for name, items in summary["per_site"].items()
+    }
+    if central:
+        end = central["rounds"][-1]
+        summary["central"] = {key: end[key] for key in
+                              ("accuracy", "balanced_accuracy", "macro_auc")}
+        summary["ratios"] = {key: last[key] / end[key] for key in ("balanced_accuracy",
+                                                                   "macro_auc")}
+        summary["targets_met"].update(
+            {f"{key}_ratio": value >= TARGET_RATIO for key, value in summary["ratios"].items()})
+    return summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / ".cache" / "benchmark-app")
+    parser.add_argument("--runtime", choices=("inprocess", "lab"), default="inprocess")
+    parser.add_argument("--connection", default="lab", help="flwr connection for --runtime lab")
+    parser.add_argument("--flwr-home", type=Path, default=Path.home() / ".flwr")
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--partition-seed", type=int, default=2024)
+    parser.add_argument("--no-central", action="store_true", help="skip the central baseline")
+    parser.add_argument("--run-config", default="",
+                        help="overrides as 'key=value key=value' (values in TOML syntax)")
+    args = parser.parse_args()
+    args.out = args.out.resolve()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    run_config = default_run_config()
+    if args.run_config:
+        run_config.update(tomllib.loads("\n".join(args.run_config.split())))
+    run_config["min-nodes"] = args.sites
+    run_config["output-dir"] = str((args.out / "artefacts").resolve())
+    settings = task.read_settings(run_config)
+
+    rows = read_rows(DERMAMNIST)
+    shards = partition(rows, list(settings.labels), args.sites, args.alpha, args.partition_seed)
+    site_dirs = [write_site(args.out / "data" / f"site-{index}", shard)
+                 for index, shard in enumerate(shards)]
+    for index, shard in enumerate(shards):
+        counts = {label: sum(1 for row in shard if row["label"] == label and row["split"] ==
+                             "train") for label in settings.labels}
+        log.info("site %d train images per class: %s", index, counts)
+    if args.runtime == "lab":
+        write_lab_dataset(args.out / "lab-data", shards)
+
+    started = time.perf_counter()
+    if args.runtime == "inprocess":
+        federated = run_inprocess(site_dirs, run_config, args.out)
+    else:
+        federated = run_lab(run_config, args.connection, args.flwr_home)
+    federated_seconds = time.perf_counter() - started
+    central = None if args.no_central else run_central(site_dirs, settings, args.out)
+
+    summary = report(federated, central)
+    summary.update(runtime=args.runtime, federated_seconds=round(federated_seconds, 1),
+                   alpha=args.alpha, num_sites=args.sites, run_config=run_config,
+                   torch_threads=torch.get_num_threads())
+    (args.out / "benchmark.json").write_text(json.dumps(
+        {"summary": summary, "federated": federated, "central": central}, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def write_lab_dataset(folder: Path, shards: list[list[dict[str, str]]]) -> None:
+    """Write one dataset whose `site` column tells melody_lab which SuperNode gets each row."""
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / "images"
+    if not link.exists():
+        link.symlink_to(DERMAMNIST / "images", target_is_directory=True)
+    with (folder / "labels.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["image", "label", "split", "site"])
+        for site, shard in enumerate(shards):
+            writer.writerows([row["image"], row["label"], row["split"], site] for row in shard)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
