@@ -203,7 +203,12 @@ def main() -> int:
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--partition-seed", type=int, default=2024)
-    parser.add_argument("--no-central", action="store_true", help="skip the central baseline")
+    parser.add_argument("--part", choices=("both", "federated", "central", "report"),
+                        default="both", help="run one side only (two processes can share the "
+                        "--out folder), or only report what earlier runs saved")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads in this process (default 1: on a busy machine "
+                        "more threads mostly wait for each other)")
     parser.add_argument("--run-config", default="",
                         help="overrides as 'key=value key=value' (values in TOML syntax)")
     args = parser.parse_args()
@@ -228,18 +233,29 @@ def main() -> int:
     if args.runtime == "lab":
         write_lab_dataset(args.out / "lab-data", shards)
 
-    started = time.perf_counter()
-    if args.runtime == "inprocess":
-        federated = run_inprocess(site_dirs, run_config, args.out)
-    else:
-        federated = run_lab(run_config, args.connection, args.flwr_home)
-    federated_seconds = time.perf_counter() - started
-    central = None if args.no_central else run_central(site_dirs, settings, args.out)
+    torch.set_num_threads(args.threads)
+    if args.part in ("both", "federated"):
+        started = time.perf_counter()
+        if args.runtime == "inprocess":
+            federated = run_inprocess(site_dirs, run_config, args.out)
+        else:
+            federated = run_lab(run_config, args.connection, args.flwr_home)
+        federated["wall_seconds"] = round(time.perf_counter() - started, 1)
+        federated["runtime"] = args.runtime
+        (args.out / "federated.json").write_text(json.dumps(federated, indent=2) + "\n")
+    if args.part in ("both", "central"):
+        central = run_central(site_dirs, settings, args.out)
+        (args.out / "central.json").write_text(json.dumps(central, indent=2) + "\n")
+    if args.part in ("federated", "central"):
+        return 0
 
+    federated = json.loads((args.out / "federated.json").read_text())
+    central_file = args.out / "central.json"
+    central = json.loads(central_file.read_text()) if central_file.is_file() else None
     summary = report(federated, central)
-    summary.update(runtime=args.runtime, federated_seconds=round(federated_seconds, 1),
+    summary.update(runtime=federated["runtime"], federated_seconds=federated["wall_seconds"],
                    alpha=args.alpha, num_sites=args.sites, run_config=run_config,
-                   torch_threads=torch.get_num_threads())
+                   torch_threads=args.threads)
     (args.out / "benchmark.json").write_text(json.dumps(
         {"summary": summary, "federated": federated, "central": central}, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.csv"
 COLUMNS = ["image", "label", "split"]
+# Optional column that names the supernode (partition id) that gets each row.
+SITE_COLUMN = "site"
 
 
 class DatasetError(RuntimeError):
@@ -42,9 +44,16 @@ def read_labels(dataset: Path) -> list[dict[str, str]]:
 
 
 def shard_rows(rows: list[dict[str, str]], partition_id: int, num_partitions: int) -> list[dict[str, str]]:
-    """Return shard `partition_id` of `num_partitions`: the rows whose index modulo n is k."""
+    """Return shard `partition_id` of `num_partitions`.
+
+    A dataset with a `site` column (the app benchmark writes one for its label
+    skew) gives each supernode the rows that name its partition id; otherwise
+    shard k holds the rows whose index modulo n is k.
+    """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"invalid partition {partition_id} of {num_partitions}")
+    if rows and rows[0].get(SITE_COLUMN, "") != "":
+        return [row for row in rows if row[SITE_COLUMN] == str(partition_id)]
     return [row for index, row in enumerate(rows) if index % num_partitions == partition_id]
 
 

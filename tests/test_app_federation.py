@@ -28,9 +28,10 @@ BIN_DIR = Path(sys.executable).parent
 CONNECTION = "local-test"
 RESULT_PREFIX = "MELODY_RESULT "
 # Training and test images in each site's shard.
-TRAIN_PER_SITE = 300
+TRAIN_PER_SITE = 600
 TEST_PER_SITE = 100
-RUN_TIMEOUT_S = 300
+RUN_TIMEOUT_S = 400
+ROUNDS = 4
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 pytestmark = pytest.mark.skipif(
@@ -266,12 +267,13 @@ def federation(
                 print(path.read_text(errors="replace"))
 
 
-def test_two_rounds_complete(federation: Federation) -> None:
+def test_short_run_improves_and_saves_artefacts(federation: Federation) -> None:
     started = time.monotonic()
     run = federation.flwr(
-        "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", "num-server-rounds=2"
+        "run", str(APP_DIR), CONNECTION, "--stream", "--run-config",
+        f"num-server-rounds={ROUNDS} local-epochs=2 cpu-threads=1",
     )
-    print(f"flwr run of 2 rounds took {time.monotonic() - started:.1f} s")
+    print(f"flwr run of {ROUNDS} rounds took {time.monotonic() - started:.1f} s")
     assert run.returncode == 0
 
     run_id = submitted_run_id(run.stdout)
@@ -282,31 +284,52 @@ def test_two_rounds_complete(federation: Federation) -> None:
     # `flwr log` returns the same result line after the run.
     logged = federation.flwr("log", str(run_id), CONNECTION, "--show")
     assert logged.returncode == 0
-    assert parse_result(logged.stdout) == parse_result(run.stdout)
+    result = parse_result(run.stdout)
+    assert parse_result(logged.stdout) == result
 
-    rounds = parse_result(run.stdout)["rounds"]
-    assert [entry["round"] for entry in rounds] == [1, 2]
+    rounds = result["rounds"]
+    assert [entry["round"] for entry in rounds] == list(range(1, ROUNDS + 1))
     for entry in rounds:
-        for key in ("train_loss", "eval_loss", "accuracy", "balanced_accuracy"):
+        for key in ("train_loss", "eval_loss", "accuracy", "balanced_accuracy", "macro_auc"):
             assert isinstance(entry[key], float), f"round {entry['round']} {key}={entry[key]!r}"
             assert math.isfinite(entry[key]), f"round {entry['round']} {key}={entry[key]!r}"
         assert 0.0 <= entry["balanced_accuracy"] <= 1.0
-        assert 0.0 <= entry["accuracy"] <= 1.0
+        assert 0.0 <= entry["macro_auc"] <= 1.0
         assert entry["num_examples"] == 2 * TEST_PER_SITE
         assert entry["num_train_examples"] == 2 * TRAIN_PER_SITE
+        assert sum(map(sum, entry["confusion"])) == 2 * TEST_PER_SITE
+        assert len(entry["sites"]) == 2
+    print("balanced accuracy per round:", [round(e["balanced_accuracy"], 3) for e in rounds])
+    assert rounds[-1]["balanced_accuracy"] > rounds[0]["balanced_accuracy"]
+
+    # Each site sends about the model's parameter bytes per round.
+    for site in rounds[-1]["sites"]:
+        assert site["sent_array_bytes"] >= result["model_parameter_bytes"]
+        assert site["sent_array_bytes"] < 1.1 * result["model_parameter_bytes"]
 
     # Each site's device and image count reach the ServerApp log.
     run_log = ANSI_ESCAPE.sub("", run.stdout)
     for partition_id in range(len(federation.sites)):
         pattern = (
-            rf"Site partition-id={partition_id} trained on (cpu|cuda) "
+            rf"Site partition-id={partition_id} trained on (cpu|cuda) ?.* "
             rf"with {TRAIN_PER_SITE} images"
         )
         assert re.search(pattern, run_log), f"no line matches {pattern!r}"
+        assert f"Site partition-id={partition_id} data: layout manifest; train: " \
+            f"{TRAIN_PER_SITE} used, 0 skipped" in run_log
 
-    # The SuperNodes wrote nothing into their data folders.
+    # The ServerApp saved its artefacts under its working directory and said where.
+    folder = federation.root / "melody-runs" / f"run-{run_id}"
+    assert result["artefacts"]["folder"] == str(folder)
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "curves.png", "metrics.json", "model.pt"]
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert saved["rounds"] == rounds
+
+    # The SuperNodes wrote nothing into their data folders; the cache is outside them.
     for site in federation.sites:
         assert sorted(path.name for path in site.iterdir()) == ["images", "labels.csv"]
+    assert len(list((federation.root / "melody-cache").iterdir())) >= 2
 
 
 def test_site_error_fails_run(federation: Federation) -> None:
@@ -317,7 +340,7 @@ def test_site_error_fails_run(federation: Federation) -> None:
         CONNECTION,
         "--stream",
         "--run-config",
-        'num-server-rounds=1 labels="mel,nv"',
+        'num-server-rounds=1 labels="mel,nv" cpu-threads=1',
     )
     # NOTE: flwr 1.42 `flwr run --stream` exits with 0 for a failed run, so
     # the status comes from `flwr ls`.

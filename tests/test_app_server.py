@@ -1,60 +1,111 @@
-"""Tests of the ServerApp's metric aggregation with real Flower records, without a federation."""
+"""Tests of the ServerApp's aggregation and artefacts with real Flower records, without a federation."""
 
+import json
 import sys
+import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from PIL import Image
 
 APP_DIR = Path(__file__).resolve().parents[1] / "melody_app"
 
 # The app directory is a Flower app, not an installed package.
 sys.path.insert(0, str(APP_DIR))
-from skin_lesion import server_app  # noqa: E402
+from skin_lesion import artefacts, metrics, server_app, task  # noqa: E402
 
 LABELS = ["mel", "nv"]
 
 
-def evaluate_reply(loss: float, correct: list[int], total: list[int]) -> RecordDict:
-    metrics = MetricRecord(
-        {
-            "eval-loss": loss,
-            "num-examples": sum(total),
-            "class-correct": correct,
-            "class-total": total,
-        }
-    )
-    return RecordDict({"metrics": metrics, "site": ConfigRecord({"site": "test", "device": "cpu"})})
+def evaluate_reply(loss: float, confusion: list[list[int]], scores: np.ndarray,
+                   targets: np.ndarray) -> RecordDict:
+    histograms = metrics.score_histograms(scores, targets, len(LABELS))
+    values = MetricRecord({
+        "eval-loss": loss,
+        "num-examples": int(np.sum(confusion)),
+        "confusion": [int(count) for count in np.asarray(confusion).reshape(-1)],
+        "score-histograms": [int(count) for count in histograms.reshape(-1)],
+        "server-round": 1,
+    })
+    return RecordDict({"metrics": values, "site": ConfigRecord({"site": "a", "device": "cpu"})})
 
 
 def train_reply(loss: float, num_examples: int) -> RecordDict:
-    metrics = MetricRecord({"train-loss": loss, "num-examples": num_examples})
-    return RecordDict({"metrics": metrics, "site": ConfigRecord({"site": "test", "device": "cpu"})})
+    values = MetricRecord({"train-loss": loss, "num-examples": num_examples, "server-round": 1,
+                           "train-seconds": 2.0, "images-per-second": num_examples / 2.0})
+    arrays = ArrayRecord({"weight": torch.zeros(10, dtype=torch.float32)})
+    return RecordDict({"metrics": values, "arrays": arrays,
+                       "site": ConfigRecord({"site": "a", "device": "cpu", "data": "x"})})
 
 
-def test_evaluate_pools_class_counts() -> None:
+def test_evaluate_pools_counts_over_sites() -> None:
+    tracker = server_app.RoundTracker(LABELS)
+    tracker.start()
     # Site A has only mel (recall 0.8), site B only nv (recall 0.25).
-    replies = [evaluate_reply(1.0, [8, 0], [10, 0]), evaluate_reply(2.0, [0, 1], [0, 4])]
+    scores_a, targets_a = np.array([[1.0, -1.0]] * 10), np.zeros(10, dtype=int)
+    scores_b, targets_b = np.array([[-1.0, 1.0]] * 4), np.ones(4, dtype=int)
+    replies = [evaluate_reply(1.0, [[8, 2], [0, 0]], scores_a, targets_a),
+               evaluate_reply(2.0, [[0, 0], [3, 1]], scores_b, targets_b)]
 
-    metrics = server_app.aggregate_evaluate_metrics(replies, "num-examples", labels=LABELS)
+    aggregated = tracker.aggregate_evaluate(replies, "num-examples")
 
-    assert metrics["balanced-accuracy"] == pytest.approx((0.8 + 0.25) / 2)
-    assert metrics["accuracy"] == pytest.approx(9 / 14)
-    assert metrics["eval-loss"] == pytest.approx((10 * 1.0 + 4 * 2.0) / 14)
-    assert metrics["num-examples"] == 14
+    assert aggregated["balanced-accuracy"] == pytest.approx((0.8 + 0.25) / 2)
+    assert aggregated["accuracy"] == pytest.approx(9 / 14)
+    assert aggregated["eval-loss"] == pytest.approx((10 * 1.0 + 4 * 2.0) / 14)
+    assert aggregated["num-examples"] == 14
+    # Every mel image outscores every nv image on mel, and the other way round.
+    assert aggregated["macro-auc"] == pytest.approx(1.0)
+    details = tracker.details[1]
+    assert details["confusion"] == [[8, 2], [3, 1]]
+    assert details["recall"] == {"mel": pytest.approx(0.8), "nv": pytest.approx(0.25)}
 
 
 def test_evaluate_rejects_other_label_count() -> None:
-    replies = [evaluate_reply(1.0, [1, 0, 0], [1, 1, 1])]
+    tracker = server_app.RoundTracker(LABELS)
+    reply = evaluate_reply(1.0, [[1, 0, 0], [0, 1, 0], [0, 0, 1]], np.zeros((3, 3)),
+                           np.arange(3))
 
     with pytest.raises(ValueError, match="counts for 3 classes, but the run has 2 labels"):
-        server_app.aggregate_evaluate_metrics(replies, "num-examples", labels=LABELS)
+        tracker.aggregate_evaluate([reply], "num-examples")
 
 
-def test_train_loss_weighted_by_examples() -> None:
-    replies = [train_reply(1.0, 300), train_reply(2.0, 100)]
+def test_train_loss_weighted_and_bytes_counted() -> None:
+    tracker = server_app.RoundTracker(LABELS)
 
-    metrics = server_app.aggregate_train_metrics(replies, "num-examples")
+    aggregated = tracker.aggregate_train([train_reply(1.0, 300), train_reply(2.0, 100)],
+                                         "num-examples")
 
-    assert metrics["train-loss"] == pytest.approx(1.25)
-    assert metrics["num-examples"] == 400
+    assert aggregated["train-loss"] == pytest.approx(1.25)
+    assert aggregated["num-examples"] == 400
+    sites = tracker.details[1]["sites"]
+    assert [site["images_per_second"] for site in sites] == [150.0, 50.0]
+    # Ten float32 values, as serialised in the reply's ArrayRecord.
+    assert all(site["sent_array_bytes"] >= 40 for site in sites)
+
+
+def test_artefacts_are_written(tmp_path: Path) -> None:
+    with (APP_DIR / "pyproject.toml").open("rb") as handle:
+        settings = task.read_settings(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+    model = task.build_model(settings)
+    rounds = [{"round": index, "train_loss": 1.0 / index, "eval_loss": 1.2 / index,
+               "accuracy": 0.5 + index / 10, "balanced_accuracy": 0.3 + index / 10,
+               "macro_auc": 0.7 + index / 20, "sites": []} for index in (1, 2, 3)]
+
+    saved = artefacts.write_all(tmp_path / "run-7", model.state_dict(), settings, rounds, 1234)
+
+    bundle = torch.load(saved.model, weights_only=True)
+    assert bundle["labels"] == list(settings.labels)
+    assert bundle["settings"]["model_width"] == settings.model_width
+    restored = task.Net(len(bundle["labels"]), bundle["settings"]["model_width"])
+    restored.load_state_dict(bundle["state_dict"])
+    assert json.loads(saved.metrics.read_text())["rounds"][2]["accuracy"] == pytest.approx(0.8)
+    with Image.open(saved.plot) as plot:
+        assert plot.format == "PNG"
+        assert plot.size == (2 * artefacts.PANEL_WIDTH, artefacts.PANEL_HEIGHT)
+        # Curves were drawn: the plot holds more than black and white.
+        assert len(plot.getcolors(maxcolors=100000)) > 2
+    assert sorted(path.name for path in saved.folder.iterdir()) == [
+        "curves.png", "metrics.json", "model.pt"]

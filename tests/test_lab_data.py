@@ -80,3 +80,10 @@ def test_write_shard_files_and_modes(tmp_path):
         mode = stat.S_IMODE(path.stat().st_mode)
         assert path.stat().st_uid == 0, path
         assert mode == (0o755 if path.is_dir() else 0o644), path
+
+
+def test_shard_rows_follows_a_site_column():
+    rows = [{"image": str(index), "site": str(site)} for index, site in enumerate([2, 0, 0, 1, 2])]
+
+    assert [row["image"] for row in shard_rows(rows, 0, 3)] == ["1", "2"]
+    assert [row["image"] for row in shard_rows(rows, 2, 3)] == ["0", "4"]

@@ -207,7 +207,9 @@ def test_federated_run_completes(deployed, tmp_path):
         assert f'address = "127.0.0.1:{tunnel_port}"' in config
         assert f'root-certificates = "{flwr_home / "lab-ca.pem"}"' in config
 
-        run = run_flwr(["run", "melody_app", "lab", "--stream", "--run-config", "num-server-rounds=2"],
+        # One epoch and one thread per site keep this run short on the shared 2-core machine.
+        run = run_flwr(["run", "melody_app", "lab", "--stream", "--run-config",
+                        "num-server-rounds=2 local-epochs=1 cpu-threads=1"],
                        flwr_home, timeout=900)
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
         run_id = parse_run_id(run.stdout)
@@ -228,6 +230,15 @@ def test_federated_run_completes(deployed, tmp_path):
         count = output_of(lab, host.name, f"grep -c ',test$' {host.data_dir}/labels.csv")
         shard_test_images += int(count)
     assert result["rounds"][-1]["num_examples"] == shard_test_images
+
+    # The ServerApp saved its artefacts in the SuperLink's state directory, and
+    # each SuperNode cached decoded images in its own, outside the data folder.
+    folder = f"/var/lib/melody-superlink/melody-runs/run-{run_id}"
+    assert result["artefacts"]["folder"] == folder
+    assert output_of(lab, "superlink", f"ls {folder}").split() == ["curves.png", "metrics.json", "model.pt"]
+    for host in lab.supernodes:
+        assert output_of(lab, host.name, "ls /var/lib/melody-supernode/melody-cache"), host.name
+        assert output_of(lab, host.name, f"find {host.data_dir} -newer {host.data_dir}/labels.csv") == ""
 
 
 def test_changed_setting_restarts_that_service(deployed, tmp_path):

@@ -49,7 +49,7 @@ def train(msg: Message, context: Context) -> Message:
     data = _load_site(context, settings, site, (sitedata.TRAIN_SPLIT, sitedata.TEST_SPLIT))
     train_set = data.splits[sitedata.TRAIN_SPLIT]
     class_counts = task.count_labels(train_set, len(settings.labels))
-    device = task.pick_device()
+    device = task.pick_device(settings.cpu_threads)
     log(
         INFO,
         "Site %s, round %d: training on %s with %d images (per class: %s)",
@@ -107,7 +107,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     data = _load_site(context, settings, site, (sitedata.TEST_SPLIT,))
     test_set = data.splits[sitedata.TEST_SPLIT]
-    device = task.pick_device()
+    device = task.pick_device(settings.cpu_threads)
     model = task.build_model(settings)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     result = task.evaluate(

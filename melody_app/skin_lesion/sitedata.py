@@ -48,7 +48,7 @@ class SiteDataError(ValueError):
 
 @dataclass(frozen=True)
 class DataSettings:
-    """How a site's data is read: run config values that every site shares."""
+    """Run config values that say how every site reads its data."""
 
     labels: tuple[str, ...]
     image_size: int = 28
@@ -188,7 +188,7 @@ def _read_entries(
     if len(npz_files) > 1:
         names = ", ".join(path.name for path in npz_files)
         raise SiteDataError(
-            f"Site {site}: data-dir {data_dir} holds several .npz files ({names}). Keep "
+            f"Site {site}: data-dir {data_dir} contains several .npz files ({names}). Keep "
             "one MedMNIST-style file per site, or add a manifest."
         )
     if npz_files:
@@ -199,7 +199,7 @@ def _read_entries(
         return "folders", _folder_entries(data_dir, folders, settings, site), None
 
     raise SiteDataError(
-        f"Site {site}: data-dir {data_dir} holds no {settings.manifest_file}, no .npz "
+        f"Site {site}: data-dir {data_dir} contains no {settings.manifest_file}, no .npz "
         "file and no class folders. Export the images as one of these layouts."
     )
 
@@ -278,11 +278,8 @@ def _folder_entries(
         class_folders = [("", folder) for folder in folders]
 
     class_index = {name: index for index, name in enumerate(settings.labels)}
-    unknown = sorted(
-        {str(folder.relative_to(data_dir)) for _, folder in class_folders}
-        - {str(folder.relative_to(data_dir)) for _, folder in class_folders
-           if folder.name in class_index}
-    )
+    unknown = sorted(str(folder.relative_to(data_dir)) for _, folder in class_folders
+                     if folder.name not in class_index)
     if unknown:
         raise SiteDataError(
             f"Site {site}: data-dir {data_dir} has class folder(s) outside the run's label "

@@ -41,6 +41,7 @@ class RunSettings:
     model_width: int
     class_weight_power: float
     output_dir: str
+    cpu_threads: int
     data: DataSettings
 
     def as_dict(self) -> dict:
@@ -69,6 +70,7 @@ def read_settings(config: Mapping[str, object]) -> RunSettings:
         model_width=int(config["model-width"]),
         class_weight_power=float(config["class-weight-power"]),
         output_dir=str(config["output-dir"]),
+        cpu_threads=int(config["cpu-threads"]),
         data=DataSettings(
             labels=labels,
             image_size=int(config["image-size"]),
@@ -101,6 +103,8 @@ def read_settings(config: Mapping[str, object]) -> RunSettings:
         (0 < settings.data.test_fraction < 1, "test-fraction", settings.data.test_fraction,
          "greater than 0 and less than 1"),
         (bool(settings.output_dir.strip()), "output-dir", settings.output_dir, "a folder path"),
+        (settings.cpu_threads >= 0, "cpu-threads", settings.cpu_threads,
+         "0 (PyTorch's default) or more"),
     ]
     for valid, key, value, expected in checks:
         if not valid:
@@ -133,13 +137,19 @@ def parse_labels(labels: str) -> list[str]:
     return names
 
 
-def pick_device() -> torch.device:
-    """Return the CUDA device when CUDA is available to PyTorch, else the CPU."""
+def pick_device(cpu_threads: int = 0) -> torch.device:
+    """Return the CUDA device when CUDA is available to PyTorch, else the CPU.
+
+    `cpu_threads` > 0 limits PyTorch's CPU threads: on hosts that share few
+    cores, fewer threads wait less for each other.
+    """
+    if cpu_threads > 0:
+        torch.set_num_threads(cpu_threads)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def device_name(device: torch.device) -> str:
-    """Return "cpu", or "cuda (GPU model)" so logs say which accelerator a site used."""
+    """Return "cpu", or "cuda (GPU model)" for logs that name the accelerator of a site."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return device.type
@@ -337,7 +347,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """What one model scored on one image set, as counts that sites can add up."""
+    """Scores of one model on one image set, as counts that sites can add up."""
 
     loss: float  # mean unweighted cross-entropy per image
     num_examples: int
