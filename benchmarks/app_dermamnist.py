@@ -137,8 +137,9 @@ def run_central(site_dirs: list[Path], settings: task.RunSettings, out: Path) ->
     device = task.pick_device()
     torch.manual_seed(settings.seed)
     model = task.build_model(settings)
-    weights = task.class_weights(task.count_labels(train_set, len(settings.labels)),
-                                 settings.class_weight_power)
+    counts = task.count_labels(train_set, len(settings.labels))
+    weights = task.class_weights(counts, settings.class_weight_power)
+    prior = task.log_prior(counts) if settings.prior_correction else None
 
     rounds = []
     for server_round in range(1, settings.num_rounds + 1):
@@ -148,9 +149,11 @@ def run_central(site_dirs: list[Path], settings: task.RunSettings, out: Path) ->
             learning_rate=task.round_learning_rate(settings.learning_rate, server_round,
                                                    settings.num_rounds),
             batch_size=settings.batch_size, class_weight=weights, device=device,
-            seed=settings.seed + server_round)
+            seed=settings.seed + server_round, train_log_prior=prior)
         result = task.evaluate(model, test_set, num_classes=len(settings.labels),
-                               batch_size=256, device=device)
+                               batch_size=256, device=device,
+                               test_time_augmentation=settings.test_time_augmentation,
+                               eval_log_prior=prior)
         rounds.append({"round": server_round, "train_loss": trained.loss,
                        "accuracy": result.accuracy, "balanced_accuracy": result.balanced_accuracy,
                        "macro_auc": result.macro_auc, "round_seconds":
@@ -230,8 +233,8 @@ def main() -> int:
         counts = {label: sum(1 for row in shard if row["label"] == label and row["split"] ==
                              "train") for label in settings.labels}
         log.info("site %d train images per class: %s", index, counts)
-    if args.runtime == "lab":
-        write_lab_dataset(args.out / "lab-data", shards)
+    # The same shards as one dataset, for `melody_lab up --dataset OUT/lab-data`.
+    write_lab_dataset(args.out / "lab-data", shards)
 
     torch.set_num_threads(args.threads)
     if args.part in ("both", "federated"):

@@ -35,7 +35,8 @@ def evaluate_reply(loss: float, confusion: list[list[int]], scores: np.ndarray,
 
 def train_reply(loss: float, num_examples: int) -> RecordDict:
     values = MetricRecord({"train-loss": loss, "num-examples": num_examples, "server-round": 1,
-                           "train-seconds": 2.0, "images-per-second": num_examples / 2.0})
+                           "train-seconds": 2.0, "images-per-second": num_examples / 2.0,
+                           "class-counts": [num_examples, 0]})
     arrays = ArrayRecord({"weight": torch.zeros(10, dtype=torch.float32)})
     return RecordDict({"metrics": values, "arrays": arrays,
                        "site": ConfigRecord({"site": "a", "device": "cpu", "data": "x"})})

@@ -172,3 +172,18 @@ def test_evaluate_counts_every_image(dermamnist: sitedata.SiteData) -> None:
     assert result.histograms.sum() == 7 * 300
     assert 0.0 <= result.balanced_accuracy <= 1.0
     assert 0.0 <= result.macro_auc <= 1.0
+
+
+def test_test_time_augmentation_ignores_orientation(dermamnist: sitedata.SiteData) -> None:
+    test_set = dermamnist.splits["test"]
+    turned = sitedata.ImageSet(torch.rot90(test_set.images, 1, dims=(-2, -1)).contiguous(),
+                               test_set.targets)
+    torch.manual_seed(0)
+    model = task.Net(7, width=8)
+
+    results = [task.evaluate(model, images, num_classes=7, batch_size=64, device=CPU,
+                             test_time_augmentation=True) for images in (test_set, turned)]
+
+    # A quarter turn only reorders the 8 views, so the averaged predictions agree.
+    assert np.array_equal(results[0].confusion, results[1].confusion)
+    assert results[0].loss == pytest.approx(results[1].loss, rel=1e-4)

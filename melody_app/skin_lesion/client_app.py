@@ -2,6 +2,7 @@
 
 from logging import INFO
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -75,6 +76,7 @@ def train(msg: Message, context: Context) -> Message:
         # Vary shuffling and augmentation between rounds while keeping runs repeatable.
         seed=settings.seed + server_round,
         proximal_mu=proximal_mu,
+        train_log_prior=task.log_prior(class_counts) if settings.prior_correction else None,
     )
     log(INFO, "Site %s, round %d: training loss %.4f, %.0f images/s", site, server_round,
         result.loss, result.images_per_second)
@@ -86,6 +88,7 @@ def train(msg: Message, context: Context) -> Message:
             "train-seconds": result.seconds,
             "images-per-second": result.images_per_second,
             "server-round": server_round,
+            "class-counts": [int(count) for count in class_counts],
         }
     )
     # The ServerApp logs which device and how much data each site used.
@@ -103,7 +106,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model on the site's test split and return summable counts."""
     settings = task.read_settings(context.run_config)
     site = _site_name(context)
-    server_round = int(msg.content["config"]["server-round"])
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    # Class counts of all sites' train splits in this round, sent by the ServerApp.
+    counts = config.get("train-class-counts")
+    eval_log_prior = None
+    if settings.prior_correction and counts:
+        eval_log_prior = task.log_prior(np.asarray(counts))
 
     data = _load_site(context, settings, site, (sitedata.TEST_SPLIT,))
     test_set = data.splits[sitedata.TEST_SPLIT]
@@ -111,7 +120,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = task.build_model(settings)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     result = task.evaluate(
-        model, test_set, num_classes=len(settings.labels), batch_size=256, device=device
+        model,
+        test_set,
+        num_classes=len(settings.labels),
+        batch_size=256,
+        device=device,
+        test_time_augmentation=settings.test_time_augmentation,
+        eval_log_prior=eval_log_prior,
     )
     log(
         INFO,

@@ -42,9 +42,10 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_metrics_aggr_fn=tracker.aggregate_evaluate,
     )
     if settings.strategy == "fedprox":
-        strategy = FedProx(proximal_mu=settings.proximal_mu, **options)
+        strategy = with_class_counts(FedProx, tracker)(proximal_mu=settings.proximal_mu,
+                                                       **options)
     else:
-        strategy = FedAvg(**options)
+        strategy = with_class_counts(FedAvg, tracker)(**options)
     tracker.start()
     result = strategy.start(
         grid=grid,
@@ -95,6 +96,23 @@ def main(grid: Grid, context: Context) -> None:
         )
 
 
+def with_class_counts(strategy_class: type, tracker: "RoundTracker") -> type:
+    """Return a subclass of `strategy_class` that sends the round's pooled train class counts.
+
+    Sites evaluate with these counts to turn prior-free scores into
+    probabilities for the whole federation's class mix.
+    """
+
+    class WithClassCounts(strategy_class):
+        def configure_evaluate(self, server_round, arrays, config, grid):
+            if tracker.class_counts is not None:
+                config["train-class-counts"] = [int(count) for count in tracker.class_counts]
+            return super().configure_evaluate(server_round, arrays, config, grid)
+
+    WithClassCounts.__name__ = strategy_class.__name__
+    return WithClassCounts
+
+
 def _scalars(entry: dict) -> dict:
     """Return a round entry without its per-site and per-class details, for the log."""
     return {key: value for key, value in entry.items() if key not in ("sites", "confusion")}
@@ -112,6 +130,8 @@ class RoundTracker:
         self.details: dict[int, dict] = {}
         self.started = 0.0
         self.last_mark = 0.0
+        # Train images per class summed over the sites of the latest round.
+        self.class_counts: np.ndarray | None = None
 
     def start(self) -> None:
         self.started = self.last_mark = time.monotonic()
@@ -120,8 +140,12 @@ class RoundTracker:
         """Log each site's training result and average the loss weighted by `weight_key`."""
         losses, weights, sites = [], [], []
         server_round = 0
+        class_counts = np.zeros(len(self.labels), dtype=np.int64)
         for reply in replies:
             values = reply.metric_records["metrics"]
+            counts = np.asarray(values["class-counts"], dtype=np.int64)
+            if counts.shape == class_counts.shape:
+                class_counts += counts
             site_info = reply.config_records.get("site")
             server_round = int(values["server-round"])
             sent = sum(len(array.data) for array in reply.array_records["arrays"].values())
@@ -143,6 +167,7 @@ class RoundTracker:
             weights.append(float(values[weight_key]))
 
         self.details.setdefault(server_round, {})["sites"] = sites
+        self.class_counts = class_counts
         return MetricRecord(
             {
                 "train-loss": float(np.average(losses, weights=weights)),

@@ -42,6 +42,8 @@ class RunSettings:
     class_weight_power: float
     output_dir: str
     cpu_threads: int
+    test_time_augmentation: bool
+    prior_correction: bool
     data: DataSettings
 
     def as_dict(self) -> dict:
@@ -71,6 +73,8 @@ def read_settings(config: Mapping[str, object]) -> RunSettings:
         class_weight_power=float(config["class-weight-power"]),
         output_dir=str(config["output-dir"]),
         cpu_threads=int(config["cpu-threads"]),
+        test_time_augmentation=_flag(config["test-time-augmentation"], "test-time-augmentation"),
+        prior_correction=_flag(config["prior-correction"], "prior-correction"),
         data=DataSettings(
             labels=labels,
             image_size=int(config["image-size"]),
@@ -113,6 +117,18 @@ def read_settings(config: Mapping[str, object]) -> RunSettings:
                 f"Change it with flwr run --run-config '{key}=...' or in pyproject.toml."
             )
     return settings
+
+
+def _flag(value: object, key: str) -> bool:
+    """Return a boolean run config value; TOML gives bool, --run-config may give a string."""
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("true", "false"):
+        return str(value).strip().lower() == "true"
+    raise ValueError(
+        f"Invalid run config value {key}={value!r}: expected true or false. "
+        f"Change it with flwr run --run-config '{key}=...' or in pyproject.toml."
+    )
 
 
 def parse_labels(labels: str) -> list[str]:
@@ -231,6 +247,13 @@ def class_weights(class_counts: np.ndarray, power: float) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def log_prior(class_counts: np.ndarray) -> torch.Tensor:
+    """Return the log of the class frequencies, with absent classes at a frequency of 1e-6."""
+    counts = np.asarray(class_counts, dtype=np.float64)
+    frequencies = np.maximum(counts / max(counts.sum(), 1.0), 1e-6)
+    return torch.tensor(np.log(frequencies), dtype=torch.float32)
+
+
 def round_learning_rate(base: float, server_round: int, num_rounds: int) -> float:
     """Return the learning rate of `server_round` (1-based) on a cosine decay to 5 % of `base`.
 
@@ -258,12 +281,18 @@ def train(
     device: torch.device,
     seed: int,
     proximal_mu: float = 0.0,
+    train_log_prior: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train `model` in place with AdamW, class-weighted cross-entropy and augmentation.
 
     With `proximal_mu` > 0 the loss adds mu / 2 times the squared distance of
     the weights from those the model started with (FedProx). Batches are
     shuffled and augmented from a generator seeded with `seed`.
+
+    With `train_log_prior` (the site's log class frequencies) the loss sees
+    logits + log prior, so the model learns scores free of the site's class
+    mix (logit adjustment): sites with different label mixes then pull the
+    shared model in less different directions.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs={epochs} and batch_size={batch_size} must both be 1 or more.")
@@ -275,6 +304,7 @@ def train(
     criterion = nn.CrossEntropyLoss(weight=class_weight.to(device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
     anchor = [parameter.detach().clone() for parameter in model.parameters()]
+    offset = None if train_log_prior is None else train_log_prior.to(device)
 
     loss_sum = 0.0
     seen = 0
@@ -289,7 +319,10 @@ def train(
             targets = data.targets[indices].to(device)
 
             optimizer.zero_grad()
-            loss = criterion(model(images), targets)
+            logits = model(images)
+            if offset is not None:
+                logits = logits + offset
+            loss = criterion(logits, targets)
             total = loss
             if proximal_mu > 0:
                 distance = sum(
@@ -345,6 +378,12 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 # Evaluation
 
 
+def _orientations(images: torch.Tensor) -> list[torch.Tensor]:
+    """Return the 8 quarter-turn and flip versions of a batch of square images."""
+    turned = [torch.rot90(images, quarter, dims=(-2, -1)) for quarter in range(4)]
+    return turned + [view.flip(-1) for view in turned]
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """Scores of one model on one image set, as counts that sites can add up."""
@@ -369,23 +408,42 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: ImageSet, *, num_classes: int, batch_size: int, device: torch.device
+    model: nn.Module,
+    data: ImageSet,
+    *,
+    num_classes: int,
+    batch_size: int,
+    device: torch.device,
+    test_time_augmentation: bool = False,
+    eval_log_prior: torch.Tensor | None = None,
 ) -> Evaluation:
-    """Return the loss, confusion matrix and score histograms of `model` on `data`."""
+    """Return the loss, confusion matrix and score histograms of `model` on `data`.
+
+    With `test_time_augmentation`, the model sees each image in the 8
+    orientations of quarter turns and flips, and its log-probabilities are
+    averaged: lesions have no fixed orientation, so this costs 8 times the
+    compute and no training. `eval_log_prior` (log class frequencies of the
+    population tested) is added to the logits of a model trained with
+    train_log_prior, which turns its scores back into that population's
+    probabilities.
+    """
     model.to(device)
     model.eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
     loss_sum = 0.0
     predictions = []
     scores = []
+    offset = 0.0 if eval_log_prior is None else eval_log_prior.to(device)
 
     for start in range(0, len(data), batch_size):
         images = scale(data.images[start : start + batch_size]).to(device)
         targets = data.targets[start : start + batch_size].to(device)
-        logits = model(images)
-        loss_sum += criterion(logits, targets).item()
-        predictions.append(logits.argmax(dim=1).cpu())
-        scores.append(metrics.one_vs_rest_scores(logits).cpu())
+        views = _orientations(images) if test_time_augmentation else [images]
+        log_probabilities = torch.stack(
+            [torch.log_softmax(model(view) + offset, dim=1) for view in views]
+        ).mean(dim=0)
+        loss_sum += nn.functional.nll_loss(log_probabilities, targets, reduction="sum").item()
+        predictions.append(log_probabilities.argmax(dim=1).cpu())
+        scores.append(metrics.one_vs_rest_scores(log_probabilities).cpu())
 
     targets = data.targets.numpy()
     return Evaluation(
