@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/app_dermamnist.py [--rounds 20] [--out DIR]
 
 The official train split is divided over 3 sites with label skew (per class,
-Dirichlet(alpha) shares, seeded); the official test split is divided evenly,
+Dirichlet(alpha) shares, seeded). The official test split is divided evenly,
 so the pooled federated evaluation covers exactly the official test split.
 The federated run uses the real ServerApp and ClientApp code, with the sites
 in this process (`--runtime inprocess`, no lab needed) or on a deployed lab
@@ -266,7 +266,7 @@ def main() -> int:
 
 
 def write_lab_dataset(folder: Path, shards: list[list[dict[str, str]]]) -> None:
-    """Write one dataset whose `site` column tells melody_lab which SuperNode gets each row."""
+    """Write one dataset whose `site` column names the SuperNode that gets each row."""
     folder.mkdir(parents=True, exist_ok=True)
     link = folder / "images"
     if not link.exists():

@@ -100,6 +100,6 @@ class InProcessGrid(Grid):
         reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
         wire = message_to_proto(reply)
         site.sent_bytes.append((message.metadata.message_type, wire.ByteSize()))
-        log.info("Site %s answered %s in %.1f s with %d bytes", site.node_id,
+        log.info("Site %s returned its %s reply in %.1f s, %d bytes", site.node_id,
                  message.metadata.message_type, time.perf_counter() - started, wire.ByteSize())
         return message_from_proto(wire)

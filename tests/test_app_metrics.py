@@ -34,7 +34,7 @@ def test_majority_class_predictions() -> None:
     assert metrics.balanced_accuracy(confusion) == pytest.approx(0.5)
 
 
-def test_pooled_balanced_accuracy_is_not_the_mean_of_sites() -> None:
+def test_balanced_accuracy_pooled_not_averaged() -> None:
     site_a = np.array([[8, 2], [0, 0]])  # only class 0: recall 0.8
     site_b = np.array([[0, 0], [3, 1]])  # only class 1: recall 0.25
 

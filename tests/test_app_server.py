@@ -106,7 +106,7 @@ def test_artefacts_are_written(tmp_path: Path) -> None:
     with Image.open(saved.plot) as plot:
         assert plot.format == "PNG"
         assert plot.size == (2 * artefacts.PANEL_WIDTH, artefacts.PANEL_HEIGHT)
-        # Curves were drawn: the plot holds more than black and white.
+        # Curves were drawn: the plot has more colours than black and white.
         assert len(plot.getcolors(maxcolors=100000)) > 2
     assert sorted(path.name for path in saved.folder.iterdir()) == [
         "curves.png", "metrics.json", "model.pt"]

@@ -99,7 +99,8 @@ def test_manifest_reads_each_split(site_dir: Path, site_rows) -> None:
     assert np.bincount(train_set.targets.numpy(), minlength=7).tolist() == [5] * 7
     expected = [LABELS.index(row["label"]) for row in site_rows if row["split"] == "test"]
     assert test_set.targets.tolist() == expected
-    assert data.reports[TRAIN].used == 35 and data.reports[TEST].used == 14
+    assert data.reports[TRAIN].used == 35
+    assert data.reports[TEST].used == 14
     assert "train: 35 used, 0 skipped" in data.summary()
 
 
@@ -163,7 +164,8 @@ def test_folders_with_split_folders(tmp_path: Path) -> None:
     data = load(site)
 
     assert data.layout == "folders"
-    assert len(data.splits[TRAIN]) == 6 and len(data.splits[TEST]) == 6
+    assert len(data.splits[TRAIN]) == 6
+    assert len(data.splits[TEST]) == 6
     assert sorted(set(data.splits[TEST].targets.tolist())) == [LABELS.index("mel"),
                                                                LABELS.index("nv")]
 
@@ -403,7 +405,8 @@ def test_assign_splits_keeps_groups_together() -> None:
 
     groups = {split: {entry.group for entry in rows} for split, rows in by_split.items()}
     assert not groups[TRAIN] & groups[TEST]
-    assert "L1" in groups[TEST] and "L2" in groups[TRAIN]
+    assert "L1" in groups[TEST]
+    assert "L2" in groups[TRAIN]
     assert reports[TRAIN].skipped.total() == 1
 
 

@@ -110,7 +110,8 @@ def test_augment_keeps_shape_and_range() -> None:
     augmented = task.augment(images.clone(), torch.Generator().manual_seed(0))
 
     assert augmented.shape == images.shape
-    assert 0.0 <= float(augmented.min()) and float(augmented.max()) <= 1.0
+    assert float(augmented.min()) >= 0.0
+    assert float(augmented.max()) <= 1.0
     assert not torch.equal(augmented, images)
 
 
@@ -187,3 +188,24 @@ def test_test_time_augmentation_ignores_orientation(dermamnist: sitedata.SiteDat
     # A quarter turn only reorders the 8 views, so the averaged predictions agree.
     assert np.array_equal(results[0].confusion, results[1].confusion)
     assert results[0].loss == pytest.approx(results[1].loss, rel=1e-4)
+
+
+def test_log_prior_by_hand() -> None:
+    prior = task.log_prior(np.array([3, 1, 0]))
+
+    assert prior.tolist() == pytest.approx([np.log(0.75), np.log(0.25), np.log(1e-6)])
+
+
+def test_eval_prior_moves_predictions_to_the_common_class(dermamnist: sitedata.SiteData) -> None:
+    test_set = dermamnist.splits["test"]
+    torch.manual_seed(0)
+    model = task.Net(7, width=8)
+    # A prior that puts almost every image in class 5 (nv).
+    prior = task.log_prior(np.array([1, 1, 1, 1, 1, 10**6, 1]))
+
+    plain = task.evaluate(model, test_set, num_classes=7, batch_size=64, device=CPU)
+    shifted = task.evaluate(model, test_set, num_classes=7, batch_size=64, device=CPU,
+                            eval_log_prior=prior)
+
+    assert shifted.confusion[:, 5].sum() == 300
+    assert shifted.confusion[:, 5].sum() >= plain.confusion[:, 5].sum()

@@ -1,4 +1,4 @@
-"""What a run leaves for the researcher: the final model, every round's metrics, a plot.
+"""Run artefacts for the researcher: the final model, every round's metrics, a plot.
 
 Written by the ServerApp on the SuperLink host. The plot is drawn with
 Pillow, which the SuperNode and SuperLink venvs already have. No Flower imports.
@@ -51,7 +51,7 @@ def write_all(
 ) -> SavedRun:
     """Write model.pt, metrics.json and curves.png into `folder`, creating it.
 
-    model.pt holds the state dict with the label set and settings that
+    model.pt contains the state dict with the label set and settings that
     produced it, so `Net(len(labels), settings["model_width"])` loads it.
     Raises OSError when the folder cannot be written.
     """
