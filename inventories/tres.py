@@ -44,6 +44,10 @@ federation = {
     # True turns TLS, SuperNode authentication and the Fleet-only front off:
     # for a throw-away lab only, never with patient data.
     "melody_insecure": False,
+    # Free MiB that `python -m melody_deploy.verify` expects for state and logs.
+    "melody_verify_min_free_mb": 1024,
+    # True lets deploy/teardown.py delete the state database and logs too.
+    "melody_teardown_purge": False,
 }
 
 superlink = [

@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 from pyinfra import host
-from pyinfra.api import deploy
+from pyinfra.api import FactBase, deploy
 from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
 from .plan import HostPlan
 from .wheelhouse import LOCK_FILE
+
+
+class OrphanedFiles(FactBase):
+    """
+    Whether a folder holds files whose owner no longer exists, such as the
+    state that a teardown kept after it removed the service user.
+
+    .. code:: python
+
+        True
+    """
+
+    def command(self, path: str) -> str:
+        return f"find {path} -nouser -print -quit 2>/dev/null | grep -q . && echo yes || echo no"
+
+    def process(self, output):
+        return "".join(output).strip() == "yes"
 
 
 @deploy("Service user and folders")
@@ -35,6 +52,12 @@ def install_service_user(plan: HostPlan, home: str, folders: list[str]) -> None:
             group=user,
             mode="0750",
         )
+        # The user that a teardown removed may come back with another uid.
+        if host.get_fact(OrphanedFiles, path=folder):
+            server.shell(
+                name=f"files kept in {folder} from an earlier install belong to {user} again",
+                commands=[f"find {folder} -nouser -exec chown -h {user}:{user} {{}} +"],
+            )
 
 
 def venv_install_script(plan: HostPlan) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import flwr_cli
 from .errors import PreflightError
+from .inventory_checks import check_host_extras, check_shared_addresses
 from .security_settings import check_security_values
 from .settings import BY_NAME, SUPERLINK, SUPERNODE, Setting, format_type, settings_for_role
 
@@ -331,6 +332,7 @@ def validate_inventory(specs: list[HostSpec]) -> Federation:
             continue
         settings = resolve_settings(spec, role, problems)
         check_values(spec.name, settings, problems)
+        check_host_extras(spec.name, spec.data, settings, problems)
         resolved = ResolvedHost(spec.name, role, spec.address, settings)
         (superlinks if role == SUPERLINK else supernodes).append(resolved)
 
@@ -346,6 +348,7 @@ def validate_inventory(specs: list[HostSpec]) -> Federation:
     for supernode in supernodes:
         supernode.settings["melody_num_partitions"] = len(supernodes)
     check_federation(federation, problems)
+    check_shared_addresses([federation.superlink, *supernodes], problems)
     if problems:
         raise PreflightError(problems)
     return federation

@@ -138,6 +138,11 @@ SETTINGS: tuple[Setting, ...] = (
             "IP networks (CIDR) that researchers' SSH tunnels may come from, such as `['10.20.0.0/24']`."),
     Setting("melody_researcher_ssh_keys", (), (list, tuple), SUPERLINK,
             "Researchers' SSH public keys (OpenSSH lines) that may open a tunnel to the Control API."),
+    # Operating the federation: verify and teardown.
+    Setting("melody_verify_min_free_mb", 1024, int, ALL,
+            "Free space in MiB that `melody_deploy.verify` expects on the file systems of the state and log folders."),
+    Setting("melody_teardown_purge", False, bool, ALL,
+            "Let `deploy/teardown.py` also delete the state folders (the SuperLink's database) and the SuperLink's logs."),
 )
 
 BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}

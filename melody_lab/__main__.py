@@ -5,7 +5,7 @@ import logging
 import sys
 from pathlib import Path
 
-from melody_lab import lab, settings
+from melody_lab import lab, power, settings
 from melody_lab.data import DatasetError
 from melody_lab.network import NetworkError
 from melody_lab.plan import PlanError
@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--purge", action="store_true", help="also delete the lab's SSH keys and console logs")
 
     commands.add_parser("status", help="show each host's PID, system state and memory; exit 1 unless all run")
+
+    for name, meaning in (("reboot", "power-cycle"), ("stop", "power off"), ("start", "boot again")):
+        power_command = commands.add_parser(name, help=f"{meaning} lab hosts, keeping their disks (default: all)")
+        power_command.add_argument("hosts", nargs="*", help="host names, such as superlink supernode-1")
     return parser
 
 
@@ -69,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{host.name:<13} {host.address:<15} pid {host.pid}")
             print(f"state: {lab.settings.state_dir() / lab.STATE_FILE}")
             return 0
+        if arguments.command in ("reboot", "stop", "start"):
+            getattr(power, arguments.command)(arguments.hosts)
+            return print_status() if arguments.command != "stop" else 0
         if arguments.command == "down":
             lab.down(purge=arguments.purge)
             return 0

@@ -1,0 +1,112 @@
+"""Operations that remove what the deploys installed, for deploy/teardown.py.
+
+By default the SuperLink's state database, its log folder and the
+SuperNodes' state folders stay on the hosts, owned by the removed user's
+numeric id, so runs and audit records survive and a later deploy picks them
+up again. The systemd journal is never touched. `melody_teardown_purge`
+deletes the state and log folders too. A site's data folder is never
+touched, with or without purge.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.operations import files, server, systemd
+
+from .errors import PreflightError
+from .plan import inventory_specs
+from .preflight import ResolvedHost, validate_inventory
+from .settings import SUPERLINK
+from .units import SUPERLINK_UNIT, SUPERNODE_UNIT, UNIT_DIR
+
+logger = logging.getLogger("pyinfra")
+
+
+def prepare_teardown() -> ResolvedHost | None:
+    """Validate the inventory and return this host's settings, or None when it has no role.
+
+    Teardown needs no host facts, wheelhouse or TLS, so only the inventory's
+    settings are checked.
+    """
+    federation = validate_inventory(inventory_specs())
+    try:
+        resolved = federation.host(host.name)
+    except KeyError:
+        return None
+    if resolved.settings["melody_teardown_purge"]:
+        check_purge_spares_data(resolved)
+    return resolved
+
+
+def kept_folders(resolved: ResolvedHost) -> list[str]:
+    """Return the folders with state, logs or app bundles that teardown keeps unless purging."""
+    settings = resolved.settings
+    if resolved.role == SUPERLINK:
+        return [settings["melody_superlink_state_dir"], settings["melody_superlink_log_dir"]]
+    return [settings["melody_supernode_state_dir"]]
+
+
+def check_purge_spares_data(resolved: ResolvedHost) -> None:
+    """Raise PreflightError when purging a folder would delete the site's data folder."""
+    data_dir = resolved.settings.get("melody_data_dir")
+    if data_dir is None:
+        return
+    for folder in kept_folders(resolved):
+        if (data_dir + "/").startswith(folder.rstrip("/") + "/"):
+            raise PreflightError([
+                f"host {resolved.name}: melody_teardown_purge would delete {folder}, which contains "
+                f"melody_data_dir = {data_dir!r}; move the state folder out of the data folder's path"
+            ])
+
+
+@deploy("Service removed")
+def remove_service(unit: str) -> None:
+    """Stop and disable the unit, then delete its file."""
+    systemd.service(name=f"{unit} is stopped and disabled", service=unit, running=False, enabled=False)
+    removed = files.file(name=f"{UNIT_DIR}/{unit} is absent", path=f"{UNIT_DIR}/{unit}", present=False)
+    systemd.daemon_reload(name="systemd has forgotten the removed unit", _if=removed.did_change)
+    # A unit that crashed stays listed as failed after its file is gone.
+    server.shell(
+        name=f"{unit} has no failed state left",
+        commands=[f"systemctl reset-failed {unit} 2>/dev/null || true"],
+        _if=removed.did_change,
+    )
+
+
+@deploy("Venvs and wheelhouses removed")
+def remove_install(resolved: ResolvedHost) -> None:
+    """Delete the venvs and uploaded wheelhouses, and the install folder once it is empty."""
+    install_dir = resolved.settings["melody_install_dir"]
+    for folder in (f"{install_dir}/venvs", f"{install_dir}/wheelhouses"):
+        files.directory(name=f"{folder} is absent", path=folder, present=False)
+    # Keeps the folder when the operator put anything else in it.
+    server.shell(
+        name=f"{install_dir} is absent unless it holds other files",
+        commands=[f"if [ -d {install_dir} ]; then rmdir --ignore-fail-on-non-empty {install_dir}; fi"],
+    )
+
+
+@deploy("Service user removed")
+def remove_service_user(resolved: ResolvedHost) -> None:
+    user = resolved.settings["melody_service_user"]
+    server.user(name=f"system user {user} is absent", user=user, present=False)
+    server.group(name=f"group {user} is absent", group=user, present=False)
+
+
+@deploy("State and logs")
+def keep_or_purge_state(resolved: ResolvedHost) -> None:
+    """Delete the state and log folders when purging; otherwise say that they are kept."""
+    folders = kept_folders(resolved)
+    if not resolved.settings["melody_teardown_purge"]:
+        host.noop(f"kept {', '.join(folders)} (melody_teardown_purge is False)")
+        return
+    logger.warning("host %s: melody_teardown_purge is True, deleting %s", host.name, ", ".join(folders))
+    for folder in folders:
+        files.directory(name=f"{folder} is absent (purged)", path=folder, present=False)
+
+
+def unit_for(resolved: ResolvedHost) -> str:
+    return SUPERLINK_UNIT if resolved.role == SUPERLINK else SUPERNODE_UNIT
