@@ -21,6 +21,7 @@ import gevent
 from pyinfra.api import Config, State
 from pyinfra.api.connect import connect_all, disconnect_all
 from pyinfra.api.exceptions import PyinfraError
+from pyinfra.context import ctx_state
 from pyinfra_cli.inventory import make_inventory
 
 from .errors import PreflightError
@@ -43,8 +44,12 @@ class CheckResult:
     detail: str
 
 
-def load_federation(inventory_path: str):
-    """Load the inventory with pyinfra's own loader and validate its settings."""
+def load_federation(inventory_path: str, state: State):
+    """Load the inventory with pyinfra's own loader and validate its settings.
+
+    pyinfra runs an inventory file inside the context of a state, as its CLI does.
+    """
+    ctx_state.set(state)
     inventory = make_inventory(inventory_path)
     specs = [
         HostSpec(name=host.name, groups=tuple(host.groups), data=host.data.dict())
@@ -82,8 +87,9 @@ def verify_host(pyinfra_host, resolved: ResolvedHost, supernode_count: int) -> l
 
 def verify(inventory_path: str) -> list[CheckResult]:
     """Connect to every host of the inventory in parallel and return all rows."""
-    inventory, federation = load_federation(inventory_path)
-    state = State(inventory, Config(CONNECT_TIMEOUT=10))
+    state = State(check_for_changes=False)
+    inventory, federation = load_federation(inventory_path, state)
+    state.init(inventory, Config(CONNECT_TIMEOUT=10))
     hosts: list[ResolvedHost] = [federation.superlink, *federation.supernodes]
     rows: list[CheckResult] = []
     try:

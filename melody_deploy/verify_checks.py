@@ -68,7 +68,8 @@ def flwr_version_check(host: ResolvedHost) -> ShellCheck:
         + report(name, "fail", f"no venv found from the ExecStart of {unit}; run the deploy again"),
         "else",
         '  version=$("$python" -c "import importlib.metadata as m; print(m.version(\'flwr\'))" 2>&1 | tail -n 1)',
-        f'  if [ "$version" = {expected} ]; then {report(name, "pass", f"flwr {expected} in $(dirname "$(dirname "$exe")")")}',
+        'venv=$(dirname "$(dirname "$exe")")',
+        f'  if [ "$version" = {expected} ]; then {report(name, "pass", f"flwr {expected} in $venv")}',
         f'  else {report(name, "fail", f"venv has flwr $version, the inventory asks for {expected}; run the deploy again")}; fi',
         "fi",
     ]))
@@ -123,7 +124,7 @@ def online_nodes_check(host: ResolvedHost, expected: int) -> ShellCheck:
     database = f"{host.settings['melody_superlink_state_dir']}/state.db"
     name = "supernodes online"
     return ShellCheck(name, "\n".join([
-        f'online=$(python3 -c "{ONLINE_NODES_SCRIPT}" {database} 2>&1 | tail -n 1)',
+        f"online=$(python3 -c {shlex.quote(ONLINE_NODES_SCRIPT)} {database} 2>&1 | tail -n 1)",
         f'if [ "$online" = {expected} ]; then {report(name, "pass", f"{expected} of {expected} SuperNodes online")}',
         f'else {report(name, "fail", f"$online SuperNodes online, the inventory has {expected}; run verify on the SuperNodes")}; fi',
     ]))
