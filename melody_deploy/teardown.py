@@ -98,7 +98,7 @@ def remove_service_user(resolved: ResolvedHost) -> None:
 
 @deploy("State and logs")
 def keep_or_purge_state(resolved: ResolvedHost) -> None:
-    """Delete the state and log folders when purging; otherwise say that they are kept."""
+    """Delete the state and log folders when purging; otherwise record a no-op that lists them as kept."""
     folders = kept_folders(resolved)
     if not resolved.settings["melody_teardown_purge"]:
         host.noop(f"kept {', '.join(folders)} (melody_teardown_purge is False)")

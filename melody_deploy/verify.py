@@ -22,7 +22,6 @@ from pyinfra.api import Config, State
 from pyinfra.api.connect import connect_all, disconnect_all
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.context import ctx_state
-from pyinfra_cli.inventory import make_inventory
 
 from .errors import PreflightError
 from .preflight import HostSpec, ResolvedHost, validate_inventory
@@ -49,6 +48,10 @@ def load_federation(inventory_path: str, state: State):
 
     pyinfra runs an inventory file inside the context of a state, as its CLI does.
     """
+    # Imported here because pyinfra_cli monkey-patches the whole process for
+    # gevent on import, which only the command line should do.
+    from pyinfra_cli.inventory import make_inventory
+
     ctx_state.set(state)
     inventory = make_inventory(inventory_path)
     specs = [

@@ -39,7 +39,7 @@ def unit_of(role: str) -> str:
 
 
 def service_checks(host: ResolvedHost) -> list[ShellCheck]:
-    """The unit is active now and enabled, so it also starts after a reboot."""
+    """Return checks that the unit is active now and enabled, so it also starts after a reboot."""
     unit = unit_of(host.role)
     return [
         ShellCheck("service active", "\n".join([
@@ -56,7 +56,7 @@ def service_checks(host: ResolvedHost) -> list[ShellCheck]:
 
 
 def flwr_version_check(host: ResolvedHost) -> ShellCheck:
-    """The unit's venv holds the flwr release that the inventory asks for."""
+    """Return a check that the unit's venv contains the flwr release that the inventory sets."""
     unit = unit_of(host.role)
     expected = host.settings["melody_flwr_version"]
     name = "flwr version"
@@ -76,7 +76,7 @@ def flwr_version_check(host: ResolvedHost) -> ShellCheck:
 
 
 def disk_space_check(host: ResolvedHost) -> ShellCheck:
-    """The folders that grow (state database, logs, app bundles) have free space left."""
+    """Return a check that the folders that grow (state database, logs, app bundles) have free space."""
     minimum = host.settings["melody_verify_min_free_mb"]
     if host.role == SUPERLINK:
         folders = [host.settings["melody_superlink_state_dir"], host.settings["melody_superlink_log_dir"]]
@@ -99,7 +99,7 @@ def disk_space_check(host: ResolvedHost) -> ShellCheck:
 
 
 def listening_check(host: ResolvedHost) -> ShellCheck:
-    """The SuperLink accepts connections on its HTTP port."""
+    """Return a check that the SuperLink listens on its HTTP port."""
     port = host.settings["melody_superlink_port"]
     name = "listening"
     return ShellCheck(name, "\n".join([
@@ -120,30 +120,33 @@ ONLINE_NODES_SCRIPT = (
 
 
 def online_nodes_check(host: ResolvedHost, expected: int) -> ShellCheck:
-    """The SuperLink's state lists as many online SuperNodes as the inventory has."""
+    """Return a check that the SuperLink's state lists as many online SuperNodes as the inventory has."""
     database = f"{host.settings['melody_superlink_state_dir']}/state.db"
     name = "supernodes online"
     return ShellCheck(name, "\n".join([
         f"online=$(python3 -c {shlex.quote(ONLINE_NODES_SCRIPT)} {database} 2>&1 | tail -n 1)",
         f'if [ "$online" = {expected} ]; then {report(name, "pass", f"{expected} of {expected} SuperNodes online")}',
-        f'else {report(name, "fail", f"$online SuperNodes online, the inventory has {expected}; run verify on the SuperNodes")}; fi',
+        f'else {report(name, "fail", f"$online of {expected} SuperNodes online; see the rows of the SuperNodes")}; fi',
     ]))
 
 
 def connected_check(host: ResolvedHost) -> ShellCheck:
-    """The SuperNode registered with the SuperLink since its last start."""
+    """Return a check that the SuperNode registered with the SuperLink since its last start."""
     name = "connected"
     address = host.settings["melody_superlink_address"]
     return ShellCheck(name, "\n".join([
         f"since=$(systemctl show --property ActiveEnterTimestamp --value {SUPERNODE_UNIT})",
-        f'if [ -n "$since" ] && journalctl --unit {SUPERNODE_UNIT} --since "$since" --no-pager --output cat '
+        # ActiveEnterTimestamp outlives the service, so a stopped one must not pass.
+        f"if ! systemctl is-active --quiet {SUPERNODE_UNIT}; then "
+        + report(name, "fail", f"{SUPERNODE_UNIT} is not running"),
+        f'elif [ -n "$since" ] && journalctl --unit {SUPERNODE_UNIT} --since "$since" --no-pager --output cat '
         f"| grep -q '{CONNECTED_LOG_LINE}'; then {report(name, 'pass', f'registered with {address} since $since')}",
         f'else {report(name, "fail", f"no {CONNECTED_LOG_LINE} line since the last start; is {address} reachable?")}; fi',
     ]))
 
 
 def data_dir_check(host: ResolvedHost) -> ShellCheck:
-    """The site's image folder is still there for the service to read."""
+    """Return a check that the site's image manifest is readable."""
     manifest = f"{host.settings['melody_data_dir']}/labels.csv"
     name = "data dir"
     return ShellCheck(name, "\n".join([
@@ -153,7 +156,7 @@ def data_dir_check(host: ResolvedHost) -> ShellCheck:
 
 
 def certificate_check(host: ResolvedHost) -> ShellCheck:
-    """Certificate expiry: skipped while the federation runs without TLS."""
+    """Return the certificate expiry check, which is skipped while the federation runs without TLS."""
     name = "certificate"
     if host.settings["melody_insecure"]:
         return ShellCheck(name, report(name, "skip", "TLS is off (melody_insecure = True)"))
