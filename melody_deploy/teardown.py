@@ -16,7 +16,6 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files, server, systemd
 
-from .errors import PreflightError
 from .plan import inventory_specs
 from .preflight import ResolvedHost, validate_inventory
 from .settings import SUPERLINK
@@ -29,16 +28,14 @@ def prepare_teardown() -> ResolvedHost | None:
     """Validate the inventory and return this host's settings, or None when it has no role.
 
     Teardown needs no host facts, wheelhouse or TLS, so only the inventory's
-    settings are checked.
+    settings are checked. They include that no site's data folder overlaps a
+    state or install folder, which keeps a purge away from the data.
     """
     federation = validate_inventory(inventory_specs())
     try:
-        resolved = federation.host(host.name)
+        return federation.host(host.name)
     except KeyError:
         return None
-    if resolved.settings["melody_teardown_purge"]:
-        check_purge_spares_data(resolved)
-    return resolved
 
 
 def kept_folders(resolved: ResolvedHost) -> list[str]:
@@ -47,19 +44,6 @@ def kept_folders(resolved: ResolvedHost) -> list[str]:
     if resolved.role == SUPERLINK:
         return [settings["melody_superlink_state_dir"], settings["melody_superlink_log_dir"]]
     return [settings["melody_supernode_state_dir"]]
-
-
-def check_purge_spares_data(resolved: ResolvedHost) -> None:
-    """Raise PreflightError when purging a folder would delete the site's data folder."""
-    data_dir = resolved.settings.get("melody_data_dir")
-    if data_dir is None:
-        return
-    for folder in kept_folders(resolved):
-        if (data_dir + "/").startswith(folder.rstrip("/") + "/"):
-            raise PreflightError([
-                f"host {resolved.name}: melody_teardown_purge would delete {folder}, which contains "
-                f"melody_data_dir = {data_dir!r}; move the state folder out of the data folder's path"
-            ])
 
 
 @deploy("Service removed")

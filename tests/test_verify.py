@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import subprocess
+import sys
+from pathlib import Path
 
 from melody_deploy.preflight import HostSpec, validate_inventory
 from melody_deploy.verify import CheckResult, format_table, parse_output, summary
 from melody_deploy.verify_checks import EXTRA_CHECKS, ShellCheck, host_checks, host_script, report
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def federation(**superlink_data):
@@ -75,3 +79,20 @@ def test_table_and_summary_name_failed_hosts():
 
     assert table.splitlines()[2].split()[:4] == ["site-a", "connected", "FAIL", "no"]
     assert summary(rows) == "verify: 1 of 2 checks failed, on site-a"
+
+
+def test_invalid_inventory_exits_2(tmp_path):
+    inventory = tmp_path / "bad.py"
+    inventory.write_text(
+        'superlink = [("link", {"melody_insecure": True})]\n'
+        'supernodes = [("site-a", {"melody_insecure": True, "melody_partition_id": "zero",'
+        ' "melody_data_dir": "/srv/a"})]\n'
+    )
+
+    # A subprocess, because pyinfra's command line patches the process for gevent.
+    result = subprocess.run([sys.executable, "-m", "melody_deploy.verify", str(inventory)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "host site-a: setting 'melody_partition_id' = 'zero'" in result.stderr
+    assert "HOST" not in result.stdout
