@@ -18,7 +18,7 @@ from melody_lab.state import HostState, LabState, read_state, save_state
 log = logging.getLogger(__name__)
 
 
-def _selected(state: LabState, names: list[str] | None) -> list[HostState]:
+def selected_hosts(state: LabState, names: list[str] | None) -> list[HostState]:
     if not names:
         return list(state.hosts)
     known = {host.name for host in state.hosts}
@@ -54,7 +54,7 @@ def stop(names: list[str] | None = None) -> LabState:
     """Power off the named hosts (all when `names` is empty); their disks stay."""
     state, paths = _load()
     with _locked(settings.state_dir()):
-        hosts = _selected(state, names)
+        hosts = selected_hosts(state, names)
         with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
             list(pool.map(_power_off, hosts))
         save_state(state, paths["state"])
@@ -67,7 +67,7 @@ def start(names: list[str] | None = None, boot_timeout: float = 120) -> LabState
     state, paths = _load()
     started = time.monotonic()
     with _locked(settings.state_dir()):
-        hosts = [host for host in _selected(state, names) if not nspawn.is_running(host.pid, host.name)]
+        hosts = [host for host in selected_hosts(state, names) if not nspawn.is_running(host.pid, host.name)]
         for host in hosts:
             _power_on(host, state, paths)
         save_state(state, paths["state"])
