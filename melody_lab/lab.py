@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from melody_lab import cgroups, data, guest, network, nspawn, overlay, rootfs, settings, ssh
+from melody_lab import cgroups, data, guest, limits, network, nspawn, overlay, rootfs, settings, ssh
 from melody_lab.plan import HostPlan, bridge_interface, parse_subnet, plan_hosts
 from melody_lab.state import HostState, LabState, read_state, save_state
 
@@ -160,6 +160,9 @@ def _start(hosts: list[HostPlan], network_range, dataset: Path, rows: list[dict[
     """Do the work of `up` for a lab that is known to be down."""
     paths = _paths(state_dir)
     network.check_subnet_free(network_range, settings.BRIDGE_NAME)
+    too_few = limits.check_inotify_room(len(hosts))
+    if too_few:
+        raise LabError(too_few)
 
     archive = rootfs.ensure_archive(settings.cache_dir(), mirror)
     rootfs.unpack(archive, paths["rootfs"])
