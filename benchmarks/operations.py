@@ -125,8 +125,10 @@ class MemorySampler(threading.Thread):
 def federated_run(rounds: int, min_nodes: int) -> tuple[str, dict]:
     env = researcher_env(REPO / ".lab" / "researcher-flwr-home")
     run([sys.executable, "-m", "melody_deploy.researcher", INVENTORY, "--connection", "lab"], env=env)
+    # NOTE: a 16-node run once waited for replies lost to SQLite lock errors on
+    # the SuperLink (docs/benchmarks.md), so the run gets a limit here.
     output = run([str(BIN / "flwr"), "run", "melody_app", "lab", "--stream", "--run-config",
-                  f"num-server-rounds={rounds} min-nodes={min_nodes}"], env=env)
+                  f"num-server-rounds={rounds} min-nodes={min_nodes}"], env=env, timeout=900)
     run_id = parse_run_id(output)
     listing = json.loads(run([str(BIN / "flwr"), "ls", "lab", "--run-id", run_id, "--format", "json"], env=env))
     return listing["runs"][0]["status"], parse_result(output)
@@ -161,6 +163,7 @@ def large_lab(rows: list[tuple[str, float]], supernodes: int, rounds: int) -> tu
 
     time.sleep(10)
     idle = {record["name"]: record["memory_kib"] for record in melody_lab.status()}
+    print(f"idle PSS per host (MiB): { {name: kib // 1024 for name, kib in idle.items()} }", flush=True)
     sampler = MemorySampler()
     sampler.start()
     run_time, (status, result) = timed(federated_run, rounds, supernodes)
