@@ -2,6 +2,8 @@
 
 Every test starts from the deployed lab (a no-op deploy when another module
 deployed it already) and leaves it deployed and healthy for the next one.
+The tests that power-cycle hosts deploy again first, because other modules'
+lifecycle tests may have replaced the lab with a fresh one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from melody_lab import lab as melody_lab
 from melody_lab import power, ssh
 from melody_lab.demo import parse_run_id, researcher_env
 
@@ -231,6 +234,8 @@ def test_superlink_restart_keeps_runs(federation):
 @pytest.mark.lab_lifecycle
 def test_unreachable_supernode_spares_other_hosts(federation, tmp_path):
     lab, _ = federation
+    deploy_both()
+    remember_pids(lab, melody_lab.load_state())
     reachable, unreachable = lab.supernodes[0].name, lab.supernodes[-1].name
     # A changed node config makes the deploy change every SuperNode it reaches.
     inventory = tmp_path / "batch_size.py"
@@ -261,6 +266,8 @@ def test_unreachable_supernode_spares_other_hosts(federation, tmp_path):
 @pytest.mark.lab_lifecycle
 def test_reboot_brings_every_service_back(federation):
     lab, _ = federation
+    deploy_both()
+    remember_pids(lab, melody_lab.load_state())
     before = {host.name: host.pid for host in lab.hosts}
 
     state = power.reboot()
@@ -274,6 +281,8 @@ def test_reboot_brings_every_service_back(federation):
 @pytest.mark.lab_lifecycle
 def test_teardown_keeps_state_then_redeploys(federation):
     lab, flwr_home = federation
+    deploy_both()
+    remember_pids(lab, melody_lab.load_state())
     runs_before = set(list_runs(flwr_home))
     data_digest = on_host(lab, lab.supernodes[0].name,
                           f"sha256sum {lab.supernodes[0].data_dir}/labels.csv").stdout
