@@ -90,8 +90,9 @@ def leftovers(state) -> list[str]:
         if nspawn.is_running(host.pid, host.name):
             found.append(f"{host.name}: nspawn PID {host.pid}")
         found += [f"{host.name}: cgroup {folder}" for folder in cgroups.host_cgroups(host.name) if folder.exists()]
-        if (nspawn.PROPAGATE_DIR / host.name).exists():
-            found.append(f"{host.name}: {nspawn.PROPAGATE_DIR / host.name}")
+        propagate_dir = nspawn.PROPAGATE_DIR / settings.machine_name(host.name)
+        if propagate_dir.exists():
+            found.append(f"{host.name}: {propagate_dir}")
     for path in ("state.json", "rootfs", "hosts"):
         if (settings.state_dir() / path).exists():
             found.append(f"{settings.state_dir() / path}")
