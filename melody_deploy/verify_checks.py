@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .preflight import ResolvedHost
-from .settings import SUPERLINK
-from .units import SUPERLINK_UNIT, SUPERNODE_UNIT
+from .settings import BY_NAME, SUPERLINK
+from .units import REMOTE_TLS, SUPERLINK_UNIT, SUPERNODE_UNIT
 
 # flwr logs this once the SuperNode has registered with the SuperLink.
 CONNECTED_LOG_LINE = "SuperNode ID:"
@@ -156,13 +156,24 @@ def data_dir_check(host: ResolvedHost) -> ShellCheck:
 
 
 def certificate_check(host: ResolvedHost) -> ShellCheck:
-    """Return the certificate expiry check, which is skipped while the federation runs without TLS."""
+    """Return a check that the host's TLS certificate is valid for longer than `melody_tls_renew_days`.
+
+    The SuperLink serves its own certificate; a SuperNode trusts the CA
+    certificate, so an expired CA stops it as surely.
+    """
     name = "certificate"
     if host.settings["melody_insecure"]:
         return ShellCheck(name, report(name, "skip", "TLS is off (melody_insecure = True)"))
-    # NOTE: the deploy cannot set up TLS yet (preflight rejects melody_insecure = False),
-    # so there is no certificate path to check; the TLS deploy replaces this check.
-    return ShellCheck(name, report(name, "fail", "TLS requested but this verify has no certificate check yet"))
+    certificate = REMOTE_TLS.certificate if host.role == SUPERLINK else REMOTE_TLS.ca_certificate
+    # Only the SuperLink reads melody_tls_renew_days; SuperNodes use its default.
+    renew_days = host.settings.get("melody_tls_renew_days", BY_NAME["melody_tls_renew_days"].default)
+    return ShellCheck(name, "\n".join([
+        f"end=$(openssl x509 -noout -enddate -in {certificate} 2>&1 | sed 's/^notAfter=//')",
+        f"if [ ! -r {certificate} ]; then {report(name, 'fail', f'{certificate} is missing; run the deploy again')}",
+        f"elif openssl x509 -noout -checkend {renew_days * 86400} -in {certificate} >/dev/null; then "
+        + report(name, "pass", f"{certificate} valid until $end"),
+        f"else {report(name, 'fail', f'{certificate} expires $end, within {renew_days} days; run the SuperLink deploy to renew it')}; fi",
+    ]))
 
 
 # Functions that add checks for a host; a feature with its own checks (TLS
