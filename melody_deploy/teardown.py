@@ -19,7 +19,10 @@ from pyinfra.operations import files, server, systemd
 from .plan import inventory_specs
 from .preflight import ResolvedHost, validate_inventory
 from .settings import SUPERLINK
-from .units import SUPERLINK_UNIT, SUPERNODE_UNIT, UNIT_DIR
+from .backup import BACKUP_SERVICE, BACKUP_TIMER
+from .control_access import control_home
+from .fleet_front import remove_fleet_front
+from .units import REMOTE_TLS_DIR, SUPERLINK_UNIT, SUPERNODE_UNIT, UNIT_DIR
 
 logger = logging.getLogger("pyinfra")
 
@@ -62,14 +65,41 @@ def remove_service(unit: str) -> None:
 
 @deploy("Venvs and wheelhouses removed")
 def remove_install(resolved: ResolvedHost) -> None:
-    """Delete the venvs and uploaded wheelhouses, and the install folder once it is empty."""
+    """Delete the venvs, uploaded wheelhouses and helper scripts, and the install folder once it is empty."""
     install_dir = resolved.settings["melody_install_dir"]
-    for folder in (f"{install_dir}/venvs", f"{install_dir}/wheelhouses"):
+    for folder in (f"{install_dir}/venvs", f"{install_dir}/wheelhouses", f"{install_dir}/bin"):
         files.directory(name=f"{folder} is absent", path=folder, present=False)
     # Keeps the folder when the operator put anything else in it.
     server.shell(
         name=f"{install_dir} is absent unless it holds other files",
         commands=[f"if [ -d {install_dir} ]; then rmdir --ignore-fail-on-non-empty {install_dir}; fi"],
+    )
+
+
+@deploy("SuperLink extras removed")
+def remove_superlink_extras(resolved: ResolvedHost) -> None:
+    """Remove the backup timer, the nginx Fleet front, the researchers' tunnel user and the TLS files.
+
+    The backups themselves stay in melody_superlink_backup_dir, like the
+    state database they copy.
+    """
+    remove_service(BACKUP_TIMER)
+    remove_service(BACKUP_SERVICE)
+    remove_fleet_front()
+    user = resolved.settings["melody_control_user"]
+    server.user(name=f"tunnel user {user} is absent", user=user, present=False)
+    server.group(name=f"group {user} is absent", group=user, present=False)
+    files.directory(name=f"{control_home(resolved.settings)} is absent",
+                    path=control_home(resolved.settings), present=False)
+
+
+@deploy("TLS files removed")
+def remove_tls_files() -> None:
+    """Delete the CA certificate and, on the SuperLink, its certificate and key."""
+    files.directory(name=f"{REMOTE_TLS_DIR} is absent", path=REMOTE_TLS_DIR, present=False)
+    server.shell(
+        name=f"{REMOTE_TLS_DIR.rsplit('/', 1)[0]} is absent unless it holds other files",
+        commands=[f"rmdir --ignore-fail-on-non-empty {REMOTE_TLS_DIR.rsplit('/', 1)[0]} 2>/dev/null || true"],
     )
 
 

@@ -302,6 +302,11 @@ def test_teardown_keeps_state_then_redeploys(federation):
         unit = SUPERLINK_UNIT if host.role == "superlink" else SUPERNODE_UNIT
         left = on_host(lab, host.name, f"ls /etc/systemd/system/{unit} /opt/melody 2>&1; getent passwd melody")
         assert "No such file" in left.stdout and "melody:" not in left.stdout, f"{host.name}: {left.stdout}"
+    superlink_left = on_host(lab, "superlink", "ls /etc/nginx/conf.d/melody-fleet.conf /etc/melody/tls "
+                                               "/etc/systemd/system/melody-superlink-backup.timer 2>&1; "
+                                               "getent passwd melody-control")
+    assert superlink_left.stdout.count("No such file") == 3, superlink_left.stdout
+    assert "melody-control:" not in superlink_left.stdout
     kept = on_host(lab, "superlink", "test -s /var/lib/melody-superlink/state.db && "
                                      "test -s /var/log/melody-superlink/superlink.log")
     assert kept.returncode == 0, "teardown deleted the SuperLink's database or log"
