@@ -134,7 +134,7 @@ def register_on_superlink(state, host, plan: HostPlan, key_path: str, known_unre
     """Read the public key on this SuperNode, then register it on the SuperLink host.
 
     With `known_unregistered`, the SuperLink's database did not list the key
-    as registered. If the SuperLink still knows the key, it was unregistered,
+    as registered. If the SuperLink still has the key, it was unregistered,
     and flwr 1.42 never accepts an unregistered key again. This SuperNode then
     gets a new key, which is registered instead.
     """

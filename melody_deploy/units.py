@@ -33,8 +33,7 @@ AUDIT_SUBDIR = "audit"
 # counts the start as failed.
 SUPERNODE_START_TIMEOUT = 120
 
-# Where the deploy puts TLS files on the hosts: the CA certificate on every
-# host, the SuperLink's certificate and key (readable by root and the service
+# Paths of the TLS files on the hosts: the CA certificate on every host, the SuperLink's certificate and key (readable by root and the service
 # group only) on the SuperLink host.
 REMOTE_TLS_DIR = "/etc/melody/tls"
 REMOTE_TLS = flwr_cli.ServerTls(
@@ -185,7 +184,7 @@ def supernode_context(host: ResolvedHost, paths: HostPaths, egress_addresses: tu
 def audited_supernode(venv: str, state_dir: str) -> dict:
     """Return the unit values that run the SuperNode under melody_audit's launcher.
 
-    The launcher records every reply message in `state_dir`/audit and tells
+    The launcher records every reply message in `state_dir`/audit and notifies
     systemd (Type=notify) that the service is ready only once it has
     registered with the SuperLink; until then `systemctl start` waits, up to
     the start timeout, after which Restart= tries again.

@@ -48,7 +48,7 @@ def shard_rows(rows: list[dict[str, str]], partition_id: int, num_partitions: in
 
     A dataset with a `site` column (the app benchmark writes one for its label
     skew) gives each supernode the rows that name its partition id; otherwise
-    shard k holds the rows whose index modulo n is k.
+    shard k contains the rows whose index modulo n is k.
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"invalid partition {partition_id} of {num_partitions}")

@@ -318,7 +318,7 @@ def test_short_run_improves_and_saves_artefacts(federation: Federation) -> None:
         assert f"Site partition-id={partition_id} data: layout manifest; train: " \
             f"{TRAIN_PER_SITE} used, 0 skipped" in run_log
 
-    # The ServerApp saved its artefacts under its working directory and said where.
+    # The ServerApp saved its artefacts under its working directory and reported the folder.
     folder = federation.root / "melody-runs" / f"run-{run_id}"
     assert result["artefacts"]["folder"] == str(folder)
     assert sorted(path.name for path in folder.iterdir()) == [

@@ -186,10 +186,10 @@ def test_flwr_cli_from_supernode_fails(secured):
     """))
 
     # flwr 1.42 exits 0 with --format json and reports the failure in the JSON.
-    answer = json.loads(attempt.stdout[attempt.stdout.index("{"):])
-    assert answer["success"] is False, attempt.stdout
-    assert "404 Not Found" in answer["error-message"]
-    assert "runs" not in answer
+    response = json.loads(attempt.stdout[attempt.stdout.index("{"):])
+    assert response["success"] is False, attempt.stdout
+    assert "404 Not Found" in response["error-message"]
+    assert "runs" not in response
 
 
 def test_researcher_key_rejected_from_supernode(secured):

@@ -48,7 +48,7 @@ class SiteDataError(ValueError):
 
 @dataclass(frozen=True)
 class DataSettings:
-    """Run config values that say how every site reads its data."""
+    """Run config values that set how every site reads its data."""
 
     labels: tuple[str, ...]
     image_size: int = 28

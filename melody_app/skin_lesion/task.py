@@ -289,7 +289,7 @@ def train(
     the weights from those the model started with (FedProx). Batches are
     shuffled and augmented from a generator seeded with `seed`.
 
-    With `train_log_prior` (the site's log class frequencies) the loss sees
+    With `train_log_prior` (the site's log class frequencies) the loss is computed on
     logits + log prior, so the model learns scores free of the site's class
     mix (logit adjustment): sites with different label mixes then pull the
     shared model in less different directions.
@@ -419,7 +419,7 @@ def evaluate(
 ) -> Evaluation:
     """Return the loss, confusion matrix and score histograms of `model` on `data`.
 
-    With `test_time_augmentation`, the model sees each image in the 8
+    With `test_time_augmentation`, the model scores each image in the 8
     orientations of quarter turns and flips, and its log-probabilities are
     averaged: lesions have no fixed orientation, so this costs 8 times the
     compute and no training. `eval_log_prior` (log class frequencies of the
