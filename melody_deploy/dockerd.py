@@ -82,9 +82,14 @@ def processes_naming(text: str) -> list[int]:
 
 @dataclass
 class Dockerd:
-    """One Docker daemon whose every file is under `root`."""
+    """One Docker daemon whose every file is under `root`.
 
-    root: Path
+    `Dockerd.existing()` instead stands for the Docker host that the caller's
+    environment names (DOCKER_HOST or the default socket): it is used, never
+    started or stopped.
+    """
+
+    root: Path | None
     process: subprocess.Popen | None = None
     bridges_before: set[str] = field(default_factory=set)
 
@@ -108,8 +113,14 @@ class Dockerd:
     def log_file(self) -> Path:
         return self.root / "dockerd.log"
 
+    @classmethod
+    def existing(cls) -> "Dockerd":
+        return cls(root=None)
+
     def environment(self) -> dict[str, str]:
         """Environment for docker and docker-compose that points them at this daemon only."""
+        if self.root is None:
+            return dict(os.environ)
         environment = {key: value for key, value in os.environ.items() if not key.startswith("DOCKER_")}
         environment["DOCKER_HOST"] = f"unix://{self.socket}"
         # No credentials or CLI plugins from the user's own ~/.docker.
@@ -140,6 +151,8 @@ class Dockerd:
 
     def start(self) -> None:
         """Start the daemon and wait until it answers."""
+        if self.root is None:
+            raise DockerdError("Dockerd.existing() stands for a daemon started elsewhere; it cannot be started")
         for tool in (DOCKERD, DOCKER, DOCKER_COMPOSE):
             if not Path(tool).is_file():
                 raise DockerdError(f"{tool} is missing; run `bash scripts/install-docker.sh` as root")
@@ -202,6 +215,8 @@ class Dockerd:
 
         Safe to call more than once and after a failed start.
         """
+        if self.root is None:
+            return
         pid = self.pid()
         if pid is not None:
             self.remove_containers_and_networks()
