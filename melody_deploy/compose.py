@@ -37,10 +37,10 @@ SUPERNODE_SERVICES = ("supernode-1", "supernode-2")
 RESEARCHER_SERVICE = "researcher"
 # The researcher's Flower connection to the SuperLink, by its service name.
 CONNECTION = "compose"
-# Where each SuperNode sees its site's images, read-only.
+# Mount point of each SuperNode's site images, read-only.
 CONTAINER_DATA_DIR = "/srv/melody/data"
 
-# Where the researcher's container sees the app (read-only) and its Flower home.
+# Mount points of the app (read-only) and of the Flower home in the researcher's container.
 CONTAINER_APP_DIR = "/srv/melody/app"
 RESEARCHER_HOME = "/var/lib/melody-researcher"
 DEFAULT_PROJECT = "melody"

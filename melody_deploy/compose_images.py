@@ -1,9 +1,9 @@
 """The Compose example's images, built offline from a Debian root filesystem and the wheelhouse.
 
-Nothing is pulled from a registry: the base image is `docker import` of the
-lab's debootstrapped root filesystem, and the service image adds the service
-user and the same hash-pinned venv that the pyinfra deploy installs on a host
-(`install.venv_install_script`), from the same wheelhouse. Both images are
+Nothing is pulled from a registry. The base image is `docker import` of the
+lab's debootstrapped root filesystem. The service image adds the service
+user and the same hash-pinned venv that the pyinfra deploy installs on a
+host (`install.venv_install_script`), from the same wheelhouse. Both images are
 tagged by what they were made from, so an unchanged recipe reuses them.
 """
 
@@ -129,10 +129,10 @@ def build(daemon: Dockerd, settings: dict, archive: Path) -> Images:
         return images
 
     # The same install the pyinfra deploy runs on a host, in a container
-    # without a network that sees the wheelhouse read-only.
+    # without a network that mounts the wheelhouse read-only.
     plan = HostPlan(ResolvedHost("image", "supernode", "image", settings), built, paths)
     builder = f"melody-build-{tag.split(':')[1]}"
-    daemon.docker("rm", "--force", builder, check=False, timeout=60)
+    daemon.docker("rm", "--force", builder, check=False, timeout=300)
     logger.info("images: building %s from %s and wheelhouse %s", tag, base, built.wheelhouse_id)
     daemon.docker("run", "--name", builder, "--network", "none",
                   "--volume", f"{built.path}:{paths.wheelhouse}:ro",
@@ -151,6 +151,6 @@ def build(daemon: Dockerd, settings: dict, archive: Path) -> Images:
     try:
         daemon.docker("commit", *change_args, builder, tag, timeout=600)
     finally:
-        daemon.docker("rm", "--force", builder, check=False, timeout=60)
+        daemon.docker("rm", "--force", builder, check=False, timeout=300)
     logger.info("images: built %s", tag)
     return images

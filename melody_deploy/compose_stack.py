@@ -1,10 +1,10 @@
 """Bring the Compose example up and down: images, TLS files, SuperNode keys, .env and services.
 
-`up` runs the steps in the order the SuperLink needs them: the images (offline),
-the CA and SuperLink certificate (tls.py, as the pyinfra deploy makes them),
-one key pair per SuperNode, the .env file, the SuperLink, the registration
-of each SuperNode's public key through the Control API, then the SuperNodes,
-and waits until both are online.
+`up` runs the steps in the order the SuperLink needs them. It builds the
+images offline, then makes the CA and SuperLink certificate (tls.py, as the
+pyinfra deploy makes them), one key pair per SuperNode and the .env file. It
+starts the SuperLink, registers each SuperNode's public key through the
+Control API, starts the SuperNodes and waits until both are online.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class StackError(RuntimeError):
-    """A step of `up` or `down` failed; the message says which and where to look."""
+    """A step of `up` or `down` failed. The message names the step and where to look."""
 
 
 @dataclass
@@ -111,7 +111,7 @@ class Stack:
         self.env_file.write_text(compose.render_env(project=self.project, image=image, tls_dir=self.tls_dir,
                                                     keys_dir=self.keys_dir, researcher_home=self.flwr_home,
                                                     sites=sites))
-        # Paths as the researcher's container sees them.
+        # Paths inside the researcher's container.
         write_connection(self.flwr_home / "config.toml", CONNECTION, {
             "address": f"{compose.SUPERLINK_SERVICE}:{settings['melody_superlink_port']}",
             "root-certificates": units.REMOTE_TLS.ca_certificate,
@@ -120,7 +120,7 @@ class Stack:
             os.chown(path, compose_images.SERVICE_UID, compose_images.SERVICE_UID)
 
     def register_supernodes(self) -> None:
-        """Register each SuperNode's public key, retrying until the SuperLink answers."""
+        """Register each SuperNode's public key, retrying until the SuperLink responds."""
         for name in compose.SUPERNODE_SERVICES:
             # The researcher's Flower home is the folder its container mounts.
             shutil.copyfile(self.keys_dir / f"{name}.key.pub", self.flwr_home / f"{name}.pub")

@@ -42,13 +42,13 @@ NETWORK_FLAGS = (
 START_TIMEOUT_S = 60
 STOP_TIMEOUT_S = 30
 
-# Linux limits a unix socket path to 107 bytes; containerd's sockets sit
+# Linux limits a unix socket path to 107 bytes, and containerd's sockets sit
 # under the exec root with about 40 more characters.
 MAX_ROOT_LENGTH = 60
 
 
 class DockerdError(RuntimeError):
-    """The daemon could not be started or used; the message names the fix."""
+    """The daemon could not be started or used. The message names the fix."""
 
 
 def bridge_names() -> set[str]:
@@ -84,9 +84,9 @@ def processes_naming(text: str) -> list[int]:
 class Dockerd:
     """One Docker daemon whose every file is under `root`.
 
-    `Dockerd.existing()` instead stands for the Docker host that the caller's
-    environment names (DOCKER_HOST or the default socket): it is used, never
-    started or stopped.
+    `Dockerd.existing()` is instead the Docker engine that the caller's
+    environment selects (DOCKER_HOST or the default socket). It is used but
+    never started or stopped.
     """
 
     root: Path | None
@@ -150,9 +150,9 @@ class Dockerd:
         return result
 
     def start(self) -> None:
-        """Start the daemon and wait until it answers."""
+        """Start the daemon and wait until it responds to `docker version`."""
         if self.root is None:
-            raise DockerdError("Dockerd.existing() stands for a daemon started elsewhere; it cannot be started")
+            raise DockerdError("Dockerd.existing() is a daemon started elsewhere, so it cannot be started here")
         for tool in (DOCKERD, DOCKER, DOCKER_COMPOSE):
             if not Path(tool).is_file():
                 raise DockerdError(f"{tool} is missing; run `bash scripts/install-docker.sh` as root")
@@ -180,11 +180,11 @@ class Dockerd:
                 raise DockerdError(f"dockerd exited with code {self.process.returncode} while starting; "
                                    f"its log is {self.log_file}:\n{self.log_tail()}")
             if self.socket.exists() and self.docker("version", check=False, timeout=10).returncode == 0:
-                logger.info("dockerd: PID %d answers on %s", self.process.pid, self.socket)
+                logger.info("dockerd: PID %d responds on %s", self.process.pid, self.socket)
                 return
             time.sleep(0.5)
         self.stop()
-        raise DockerdError(f"dockerd did not answer on {self.socket} within {START_TIMEOUT_S} s; "
+        raise DockerdError(f"dockerd timed out: no response on {self.socket} within {START_TIMEOUT_S} s; "
                            f"its log is {self.log_file}")
 
     def log_tail(self, lines: int = 30) -> str:

@@ -5,7 +5,7 @@
 # The packages' maintainer scripts would start dockerd through init scripts
 # on a machine without systemd, with its default bridge and firewall rules.
 # That daemon must never run here: the test starts its own dockerd with
-# forwarding and firewall management off (melody_compose/daemon.py). So a
+# forwarding and firewall management off (melody_deploy/dockerd.py). So a
 # policy-rc.d that refuses every start is put in place for the install when
 # the machine has none, and removed again afterwards.
 # Recommends stay out: cgroupfs-mount's init script would remount cgroups.

@@ -20,6 +20,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 
+# The Compose example's test runs Debian's Docker engine and docker-compose.
+bash scripts/install-docker.sh
+
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $($python --version)"

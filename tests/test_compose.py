@@ -1,10 +1,10 @@
 """The Docker Compose example, run for real: images built offline, a SuperLink, two SuperNodes, melody_app.
 
 The module starts a Docker daemon of its own (melody_deploy/dockerd.py) with
-forwarding and firewall management off, brings the example up with TLS and
-SuperNode authentication, trains 2 rounds on shards of DermaMNIST, and then
-removes the services, the daemon and everything they added, checking that
-the machine's routes, firewall rules and forwarding are as they were.
+forwarding and firewall management off. It brings the example up with TLS
+and SuperNode authentication and trains 2 rounds on shards of DermaMNIST.
+Then it removes the services, the daemon and everything they added, and
+checks that the machine's routes, firewall rules and forwarding are as they were.
 """
 
 import json
@@ -98,9 +98,15 @@ def write_sites(root: Path) -> list[Path]:
     return sites
 
 
+# pytest runs a failed module fixture again for every test; one try is enough.
+FIXTURE_ERRORS: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def stack(request, tmp_path_factory):
     """The example brought up on a daemon of this test's own; all of it removed at the end."""
+    if FIXTURE_ERRORS:
+        pytest.fail(f"bringing the example up failed already: {FIXTURE_ERRORS[0]}")
     if os.geteuid() != 0:
         pytest.skip("the Docker daemon needs root")
     if not Path(DOCKERD).is_file():
@@ -124,9 +130,13 @@ def stack(request, tmp_path_factory):
         daemon.stop()
 
     request.addfinalizer(remove_everything)
-    daemon.start()
     started = time.monotonic()
-    running.up(sites=write_sites(tmp_path_factory.mktemp("sites")), rootfs=archive)
+    try:
+        daemon.start()
+        running.up(sites=write_sites(tmp_path_factory.mktemp("sites")), rootfs=archive)
+    except Exception as error:
+        FIXTURE_ERRORS.append(f"{type(error).__name__}: {error}")
+        raise
     print(f"compose up (images, TLS, keys, services, both SuperNodes online) took {time.monotonic() - started:.1f} s")
     running.before = before
     return running
@@ -152,6 +162,7 @@ def test_services_run_unprivileged_on_an_internal_network(stack):
         assert details["HostConfig"]["CapDrop"] == ["ALL"]
         assert details["Config"]["Env"].count("FLWR_TELEMETRY_ENABLED=0") == 1
         assert "FLWR_DISABLE_UPDATE_CHECK=1" in details["Config"]["Env"]
+        assert service_exec(stack, service, "cat /proc/sys/net/ipv6/conf/all/disable_ipv6").stdout.strip() == "1"
     network = json.loads(stack.daemon.docker("network", "inspect", f"{PROJECT}_federation").stdout)[0]
     assert network["Internal"] is True
 
@@ -179,7 +190,8 @@ def test_services_run_unprivileged_on_an_internal_network(stack):
 def test_melody_app_completes_two_rounds(stack):
     started = time.monotonic()
     run = stack.flwr("run", compose.CONTAINER_APP_DIR, CONNECTION, "--stream", "--run-config",
-                     f"num-server-rounds={ROUNDS} local-epochs=1 cpu-threads=1", timeout=400)
+                     f"num-server-rounds={ROUNDS} local-epochs=1 cpu-threads=1 test-time-augmentation=false",
+                     timeout=400)
     print(f"flwr run of {ROUNDS} rounds took {time.monotonic() - started:.1f} s")
     output = ANSI_ESCAPE.sub("", run.stdout + run.stderr)
     assert run.returncode == 0, output[-3000:]
