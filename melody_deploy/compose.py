@@ -63,8 +63,9 @@ def image_settings() -> dict:
     return {**resolved.supernodes[0].settings, **resolved.superlink.settings}
 
 
-def env_name(service: str, what: str) -> str:
-    return f"MELODY_{service.upper().replace('-', '_')}_{what}"
+def env_name(service: str, suffix: str) -> str:
+    """Return the .env variable of a service's value, such as MELODY_SUPERNODE_1_DATA."""
+    return f"MELODY_{service.upper().replace('-', '_')}_{suffix}"
 
 
 def without_path(environment: dict[str, str]) -> dict[str, str]:

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 # Debian's docker.io package (scripts/install-docker.sh). The full path keeps
 # another docker CLI earlier on PATH from talking to this engine.
+# NOTE: only docker-compose 1.29 (Debian's) is tested; the `docker compose`
+# plugin of Docker's own packages is not used.
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER = "/usr/bin/docker"
 DOCKER_COMPOSE = "/usr/bin/docker-compose"
