@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             return result.returncode
         else:
             stack.down(volumes=arguments.volumes)
-    except (compose_stack.StackError, ValueError) as error:
+    except (compose_stack.StackError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -84,10 +84,6 @@ class Stack:
 
     def prepare_files(self, *, image: str, sites: list[Path]) -> None:
         """Write the TLS files, SuperNode keys, .env and the researcher's connection."""
-        for site in sites:
-            if not (site / "labels.csv").is_file():
-                raise StackError(f"--site {site}: no labels.csv there; give a SuperNode's data folder "
-                                 f"(labels.csv and its images)")
         settings = compose.federation().superlink.settings
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -161,8 +157,17 @@ class Stack:
 
     def up(self, *, sites: list[Path], rootfs: Path | None = None) -> None:
         """Build, write and start everything; return once both SuperNodes are online."""
+        # Bad input stops here, before any image, file or container is made.
         if len(sites) != len(compose.SUPERNODE_SERVICES):
             raise StackError(f"give one --site per SuperNode ({len(compose.SUPERNODE_SERVICES)}), got {len(sites)}")
+        for site in sites:
+            if not (site / "labels.csv").is_file():
+                raise StackError(f"--site {site}: labels.csv not found there; give a SuperNode's data folder "
+                                 f"(labels.csv and its images)")
+        if rootfs is not None:
+            if not rootfs.is_file():
+                raise StackError(f"--rootfs {rootfs}: file not found; omit --rootfs to use the lab's archive")
+            compose_images.base_tag(rootfs)
         daemon = self.daemon or Dockerd.existing()
         if rootfs is None:
             from melody_lab import rootfs as lab_rootfs, settings as lab_settings  # pylint: disable=import-outside-toplevel

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from melody_deploy import compose
-from melody_deploy.compose_stack import CONNECTION, Stack
+from melody_deploy.compose_stack import CONNECTION, Stack, StackError
 from melody_deploy.dockerd import DOCKERD, Dockerd, bridge_names, mounts_under, processes_naming
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +54,21 @@ def test_env_needs_one_site_per_supernode(tmp_path):
     with pytest.raises(ValueError, match="one --site folder per SuperNode"):
         compose.render_env(project="p", image="i", tls_dir=tmp_path, keys_dir=tmp_path,
                            researcher_home=tmp_path, sites=[tmp_path])
+
+
+def test_up_rejects_missing_site_before_any_change(tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(StackError, match=re.escape(f"--site {tmp_path / 'b'}: labels.csv not found")):
+        (tmp_path / "a").mkdir()
+        (tmp_path / "a" / "labels.csv").write_text("image,label,split\n")
+        Stack(run_dir=run_dir).up(sites=[tmp_path / "a", tmp_path / "b"], rootfs=tmp_path / "rootfs-bookworm-0.tar.gz")
+    assert not run_dir.exists()
+
+
+def test_up_rejects_missing_rootfs_archive(tmp_path):
+    (tmp_path / "labels.csv").write_text("image,label,split\n")
+    with pytest.raises(StackError, match="--rootfs .*: file not found"):
+        Stack(run_dir=tmp_path / "run").up(sites=[tmp_path, tmp_path], rootfs=tmp_path / "missing.tar.gz")
 
 
 def host_network_state() -> dict:
