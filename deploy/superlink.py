@@ -9,10 +9,11 @@ from melody_deploy.control_access import install_control_access
 from melody_deploy.fleet_front import install_fleet_front, remove_fleet_front
 from melody_deploy.install import install_service_user, install_venv
 from melody_deploy.plan import prepare
-from melody_deploy.service import install_unit, run_service, superlink_check_script
+from melody_deploy.service import superlink_check_script
 from melody_deploy.settings import SUPERLINK
 from melody_deploy.tls_ops import install_tls_files
-from melody_deploy.units import SUPERLINK_UNIT, render_superlink_unit
+from melody_deploy.units import SUPERLINK_UNIT, render_superlink_unit, storage_dirs
+from melody_deploy.upgrade import switch_service
 
 plan = prepare(SUPERLINK)
 
@@ -26,27 +27,31 @@ if plan is not None:
             f"{state_dir}/flwr",
             plan.settings["melody_superlink_log_dir"],
             plan.settings["melody_superlink_backup_dir"],
+            *storage_dirs(plan.settings),
         ],
     )
     venv = install_venv(plan)
 
-    # Security: TLS files and the Control API's access rules. Without TLS the
-    # SuperLink takes the public port, so an earlier nginx front must go.
+    # Security: TLS files and the Control API's access rules. Without TLS, or
+    # on flwr releases whose own Fleet listener takes the public port, an
+    # earlier nginx front must go.
     tls_files = []
     if plan.tls is not None:
         tls_files = install_tls_files(plan, server=True)
         install_control_access(plan)
-    else:
+    if not plan.fleet_front:
         remove_fleet_front()
 
-    unit = install_unit(SUPERLINK_UNIT, render_superlink_unit(plan.host, plan.paths))
-    run_service(
+    switch_service(
+        plan,
         SUPERLINK_UNIT,
-        changes=[venv, unit, *tls_files],
+        render_superlink_unit(plan.host, plan.paths, plan.flags),
+        changes=[venv, *tls_files],
         check_script=superlink_check_script(SUPERLINK_UNIT, plan.listen_port),
+        database=f"{state_dir}/state.db",
     )
     install_database_backup(plan)
 
     # Security: nginx publishes the Fleet API only, after the SuperLink runs.
-    if plan.tls is not None:
+    if plan.fleet_front:
         install_fleet_front(plan, changes=tls_files)

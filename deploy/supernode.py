@@ -7,11 +7,12 @@ The site's data folder is only checked, never written.
 
 from melody_deploy.install import install_service_user, install_venv
 from melody_deploy.plan import prepare
-from melody_deploy.service import install_unit, run_service, supernode_check_script
+from melody_deploy.service import supernode_check_script
 from melody_deploy.settings import SUPERNODE
 from melody_deploy.supernode_auth import register_supernode
 from melody_deploy.tls_ops import install_tls_files
 from melody_deploy.units import AUDIT_SUBDIR, SUPERNODE_UNIT, render_supernode_unit
+from melody_deploy.upgrade import switch_service
 
 # flwr logs this once the SuperNode has registered with the SuperLink.
 CONNECTED_LOG_LINE = "SuperNode ID:"
@@ -30,9 +31,10 @@ if plan is not None:
     if plan.tls is not None:
         security = [*install_tls_files(plan, server=False), register_supernode(plan)]
 
-    unit = install_unit(SUPERNODE_UNIT, render_supernode_unit(plan.host, plan.paths, plan.egress_addresses))
-    run_service(
+    switch_service(
+        plan,
         SUPERNODE_UNIT,
-        changes=[venv, unit, *security],
+        render_supernode_unit(plan.host, plan.paths, plan.egress_addresses, plan.flags),
+        changes=[venv, *security],
         check_script=supernode_check_script(SUPERNODE_UNIT, CONNECTED_LOG_LINE),
     )

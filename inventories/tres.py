@@ -48,6 +48,10 @@ federation = {
     "melody_verify_min_free_mb": 1024,
     # True lets deploy/teardown.py delete the state database and logs too.
     "melody_teardown_purge": False,
+    # True while you upgrade flwr host by host (docs/upgrades.md), on every host.
+    "melody_flwr_staged_upgrade": False,
+    # Upgrades after which an older venv is deleted (never the rollback target).
+    "melody_venv_retire_after": 2,
 }
 
 superlink = [
@@ -91,6 +95,10 @@ superlink = [
             # ["10.20.0.0/24"] and ["ssh-ed25519 AAAA... alice@lab"].
             "melody_researcher_networks": [],
             "melody_researcher_ssh_keys": [],
+            # flwr 1.27 and earlier only: the loopback ServerAppIo port, and a
+            # Flower File System folder (None: flwr's default).
+            "melody_superlink_serverappio_port": 9091,
+            "melody_superlink_storage_dir": None,
         },
     ),
 ]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import chain
+from .flwr_compat import sent_object_ids
 
 logger = logging.getLogger("melody_audit.egress")
 
@@ -196,7 +197,8 @@ class MessagePushAudit:
 
     def wrap_send(self, send):
         def audited_send(message, object_tree, clientapp_runtime):
-            ids_to_send, session_id = send(message, object_tree, clientapp_runtime)
+            result = send(message, object_tree, clientapp_runtime)
+            ids_to_send = sent_object_ids(result)
             pending = PendingMessage(
                 message.metadata, self.rounds.round_of(message.metadata), self.tree_order(object_tree), set(ids_to_send),
             )
@@ -204,15 +206,17 @@ class MessagePushAudit:
                 self.pending.append(pending)
                 for object_id in ids_to_send:
                     self.by_object[(message.metadata.run_id, object_id)] = pending
-            return ids_to_send, session_id
+            return result
 
         return audited_send
 
     def wrap_push_object(self, push_object):
-        def audited_push_object(run_id, session_id, object_id, content):
+        # flwr 1.42 passes (run_id, session_id, object_id, content), 1.27 (run_id, object_id, content).
+        def audited_push_object(run_id, *arguments):
+            object_id, content = arguments[-2], arguments[-1]
             pending = self.by_object.get((run_id, object_id))
             try:
-                push_object(run_id, session_id, object_id, content)
+                push_object(run_id, *arguments)
             except BaseException as error:
                 if pending is not None:
                     pending.error = f"push of object {object_id} failed: {type(error).__name__}: {error}"

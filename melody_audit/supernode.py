@@ -21,14 +21,12 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+from .flwr_compat import CHECKED_FLWR_VERSIONS, CONNECTION_FUNCTION
 from .egress import EgressRecorder, MessagePushAudit, RoundTracker
 from .notify import ServiceStatus, sd_notify
 
 logger = logging.getLogger("melody_audit.supernode")
 
-# flwr releases whose `start_client_internal` module has the functions that
-# are wrapped here with the signatures used below.
-CHECKED_FLWR_VERSIONS = ("1.42.0",)
 AUDIT_DIR_ENV = "MELODY_AUDIT_DIR"
 # Exit code when the egress record cannot be set up; systemd's Restart=
 # retries it like any other failure.
@@ -53,12 +51,13 @@ def superlink_address(argv: list[str]) -> str:
     return known.superlink
 
 
-def install_hooks(recorder: EgressRecorder, status: ServiceStatus) -> None:
+def install_hooks(recorder: EgressRecorder, status: ServiceStatus, flwr_version: str = "1.42.0") -> None:
     """Wrap flwr's Fleet connection and reply push with the audit's recorders."""
     from flwr.supercore.inflatable.inflatable_object import iterate_object_tree  # pylint: disable=import-outside-toplevel
     from flwr.supernode import start_client_internal as loop  # pylint: disable=import-outside-toplevel
 
-    original_connection = loop.http_request_response
+    connection_function = CONNECTION_FUNCTION[flwr_version]
+    original_connection = getattr(loop, connection_function)
     original_push_messages = loop._push_messages  # pylint: disable=protected-access
     connection = {"node_id": None}
     rounds = RoundTracker()
@@ -111,7 +110,7 @@ def install_hooks(recorder: EgressRecorder, status: ServiceStatus) -> None:
         finally:
             audit.write_records()
 
-    loop.http_request_response = audited_connection
+    setattr(loop, connection_function, audited_connection)
     loop._push_messages = audited_push_messages  # pylint: disable=protected-access
 
 
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as error:
         logger.error("egress record folder %s cannot be used: %s", audit_dir, error)
         sys.exit(EXIT_AUDIT_UNAVAILABLE)
-    install_hooks(recorder, status)
+    install_hooks(recorder, status, flwr_version)
     status.update()
 
     from flwr.supernode.cli import flower_supernode  # pylint: disable=import-outside-toplevel

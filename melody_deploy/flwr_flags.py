@@ -96,16 +96,25 @@ def _installed_version() -> str | None:
         return None
 
 
-def _probe_venv(version: str, folder: Path) -> Path:
-    """Install flwr `version` into a new venv at `folder` and return its bin folder."""
+def _probe_venv(version: str, folder: Path, wheelhouse: Path | None, pip_args: tuple[str, ...]) -> Path:
+    """Install flwr `version` into a new venv at `folder` and return its bin folder.
+
+    From `wheelhouse` when given (offline, exactly the wheels the hosts get),
+    else from the package index with the extra `pip_args`.
+    """
     log.info("flwr %s: installing into a probe venv at %s to read its flags", version, folder)
     subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
-    pip = [str(folder / "bin" / "python"), "-m", "pip", "install", "--quiet", f"flwr=={version}"]
-    result = subprocess.run(pip, capture_output=True, text=True, check=False)
+    pip = [str(folder / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    if wheelhouse is not None:
+        pip += ["--no-index", "--find-links", str(wheelhouse)]
+    else:
+        pip += list(pip_args)
+    result = subprocess.run([*pip, f"flwr=={version}"], capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise DeployError(f"failed to install flwr=={version} to read its flags: "
+        source = f"the wheelhouse {wheelhouse}" if wheelhouse is not None else "your package index"
+        raise DeployError(f"failed to install flwr=={version} from {source} to read its flags: "
                           f"{result.stderr.strip()[-800:]}; check melody_flwr_version and "
-                          f"that this machine reaches your package index")
+                          f"that this machine reaches {source}")
     return folder / "bin"
 
 
@@ -124,14 +133,17 @@ def _from_json(document: dict) -> FlwrFlags:
     return FlwrFlags(document["version"], command("superlink"), command("supernode"))
 
 
-def probe(version: str, cache_dir: Path) -> FlwrFlags:
+def probe(version: str, cache_dir: Path, wheelhouse: Path | None = None, pip_args: tuple[str, ...] = ()) -> FlwrFlags:
     """Return the flags of flwr `version`, read from the release itself.
 
     Reuses `cache_dir/flags-VERSION.json` when present. When this machine's
     own flwr has that version, its commands are read directly. Otherwise the
-    release is installed into a probe venv that is removed afterwards.
+    release is installed into a probe venv that is removed afterwards: from
+    `wheelhouse` when given, so that a locally built flwr is read as it is,
+    and then the cache file also names the wheelhouse's folder.
     """
-    cache_file = cache_dir / f"flags-{version}.json"
+    suffix = f"-{wheelhouse.name}" if wheelhouse is not None else ""
+    cache_file = cache_dir / f"flags-{version}{suffix}.json"
     if cache_file.exists():
         return _from_json(json.loads(cache_file.read_text()))
 
@@ -141,7 +153,7 @@ def probe(version: str, cache_dir: Path) -> FlwrFlags:
         bin_dir = Path(sys.executable).parent
     else:
         probe_dir = Path(tempfile.mkdtemp(prefix=f"flwr-{version}-", dir=cache_dir))
-        bin_dir = _probe_venv(version, probe_dir)
+        bin_dir = _probe_venv(version, probe_dir, wheelhouse, pip_args)
 
     try:
         helps = {command: _read_help(bin_dir, command) for command in COMMANDS}

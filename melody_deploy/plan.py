@@ -13,15 +13,17 @@ from pathlib import Path
 
 from pyinfra import host, inventory, state
 
+from . import flwr_cli, flwr_flags
 from . import wheelhouse as wheelhouses
-from .errors import PreflightError
+from .errors import DeployError, PreflightError
+from .flwr_flags import FlwrFlags
 from .host_facts import PythonPlatform, check_host
 from .preflight import Federation, HostSpec, ResolvedHost, validate_inventory
 from .security import prepare_tls
 from .security_facts import check_security_facts, egress_addresses
 from .settings import SUPERNODE
 from .tls import TlsFiles
-from .units import HostPaths, host_paths
+from .units import REMOTE_TLS, HostPaths, flags_cache_dir, host_paths
 
 # pyinfra prints the records of its own logger in the deploy's output.
 logger = logging.getLogger("pyinfra")
@@ -39,6 +41,8 @@ class HostPlan:
     tls: TlsFiles | None = None
     # IP addresses a SuperNode may connect to: its SuperLink's. Empty otherwise.
     egress_addresses: tuple[str, ...] = ()
+    # Flags of the pinned flwr, read from its own commands.
+    flags: FlwrFlags | None = None
 
     @property
     def settings(self) -> dict:
@@ -46,10 +50,13 @@ class HostPlan:
 
     @property
     def listen_port(self) -> int:
-        """Return the SuperLink's own port: on loopback behind nginx, or public without TLS."""
-        if self.tls is None:
-            return self.settings["melody_superlink_port"]
-        return self.settings["melody_superlink_internal_port"]
+        """Return the SuperLink's own port: on loopback behind nginx, or public without TLS or on the gRPC family."""
+        return flwr_cli.superlink_listen_port(self.settings, self.flags)
+
+    @property
+    def fleet_front(self) -> bool:
+        """Whether nginx publishes the Fleet API: with TLS on flwr releases with one HTTP server."""
+        return self.tls is not None and flwr_cli.superlink_family(self.flags.superlink) == flwr_cli.HTTP
 
 
 def inventory_specs() -> list[HostSpec]:
@@ -110,8 +117,32 @@ def prepare(role: str) -> HostPlan | None:
     except wheelhouses.WheelhouseError as error:
         raise PreflightError([f"host {host.name}: {error}"]) from error
 
+    flags = release_flags(resolved, built)
     egress = ()
     if role == SUPERNODE and tls_files is not None:
         egress = tuple(egress_addresses(host, resolved.settings))
     return HostPlan(resolved, built, host_paths(resolved.settings, built.wheelhouse_id),
-                    federation, tls_files, egress)
+                    federation, tls_files, egress, flags)
+
+
+def release_flags(resolved: ResolvedHost, built: wheelhouses.Wheelhouse) -> FlwrFlags:
+    """Read the flags of the pinned flwr from the wheelhouse, and check every requested option.
+
+    Raises PreflightError, before any host changes, when a setting asks for a
+    flag that the release does not accept.
+    """
+    settings = resolved.settings
+    version = settings["melody_flwr_version"]
+    try:
+        flags = flwr_flags.probe(version, flags_cache_dir(settings), wheelhouse=built.path)
+        if resolved.role == SUPERNODE:
+            options = flwr_cli.supernode_options(settings, flags, "NODE-CONFIG", "CA", "KEY")
+            problems = flwr_cli.option_problems("flower-supernode", version, options, flags.supernode)
+        else:
+            options = flwr_cli.superlink_options(settings, flags, REMOTE_TLS)
+            problems = flwr_cli.option_problems("flower-superlink", version, options, flags.superlink)
+    except DeployError as error:
+        raise PreflightError([f"host {resolved.name}: {error}"]) from error
+    if problems:
+        raise PreflightError([f"host {resolved.name}: {problem}" for problem in problems])
+    return flags

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import flwr_cli
 from .errors import PreflightError
+from .flwr_versions import check_flwr_version, check_lockstep
 from .inventory_checks import check_host_extras, check_shared_addresses
 from .security_settings import check_security_values
 from .settings import BY_NAME, SUPERLINK, SUPERNODE, Setting, format_type, settings_for_role
@@ -43,8 +43,10 @@ PATH_SETTINGS = (
     "melody_supernode_state_dir",
     "melody_data_dir",
     "melody_superlink_backup_dir",
+    "melody_superlink_storage_dir",
 )
-PORT_SETTINGS = ("melody_superlink_port", "melody_supernode_port", "melody_superlink_internal_port")
+PORT_SETTINGS = ("melody_superlink_port", "melody_supernode_port", "melody_superlink_internal_port",
+                 "melody_superlink_serverappio_port")
 
 
 @dataclass
@@ -155,12 +157,7 @@ def resolve_settings(spec: HostSpec, role: str, problems: list[str]) -> dict[str
 
 def check_values(name: str, settings: dict[str, Any], problems: list[str]) -> None:
     """Check the values that have the right type but may still be invalid."""
-    version = settings.get("melody_flwr_version")
-    if version is not None and not flwr_cli.is_supported(version):
-        problems.append(
-            f"host {name}: setting 'melody_flwr_version' = {version!r} is not a flwr release "
-            f"this deploy knows the flags of; use one of {flwr_cli.supported_versions_text()}"
-        )
+    check_flwr_version(name, settings, problems)
 
     torch_version = settings.get("melody_torch_version")
     if torch_version is not None and not TORCH_VERSION.match(torch_version):
@@ -190,7 +187,8 @@ def check_values(name: str, settings: dict[str, Any], problems: list[str]) -> No
                 f"name; use lower-case letters, digits, '_' and '-', starting with a letter"
             )
 
-    for key in ("melody_log_rotation_hours", "melody_log_backup_count", "melody_superlink_backup_count"):
+    for key in ("melody_log_rotation_hours", "melody_log_backup_count", "melody_superlink_backup_count",
+                "melody_venv_retire_after"):
         count = settings.get(key)
         if count is not None and count < 1:
             problems.append(f"host {name}: setting '{key}' = {count} must be 1 or more")
@@ -305,18 +303,7 @@ def check_federation(federation: Federation, problems: list[str]) -> None:
             seen_ids[partition_id] = supernode.name
         check_superlink_address(supernode, superlink, superlink_names, problems)
 
-    minors: dict[str, list[str]] = {}
-    for resolved in [superlink, *federation.supernodes]:
-        version = resolved.settings.get("melody_flwr_version", "")
-        if flwr_cli.is_supported(version):
-            major, minor, _ = flwr_cli.parse_version(version)
-            minors.setdefault(f"{major}.{minor}", []).append(resolved.name)
-    if len(minors) > 1:
-        groups = "; ".join(f"{minor} on {', '.join(names)}" for minor, names in sorted(minors.items()))
-        problems.append(
-            f"setting 'melody_flwr_version' differs across the federation ({groups}); Flower "
-            f"components must share major.minor, so set one version for every host"
-        )
+    check_lockstep([superlink, *federation.supernodes], problems)
 
 
 def validate_inventory(specs: list[HostSpec]) -> Federation:

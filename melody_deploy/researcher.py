@@ -24,9 +24,10 @@ from pathlib import Path
 
 import tomli_w
 
-from . import tls
+from . import flwr_cli, flwr_flags, tls
 from .errors import PreflightError
 from .preflight import HostSpec, validate_inventory
+from .units import flags_cache_dir
 
 
 def load_inventory(path: Path) -> list[HostSpec]:
@@ -68,7 +69,12 @@ def connection_entry(specs: list[HostSpec], address: str | None, tunnel_port: in
     federation = validate_inventory(specs)
     superlink = federation.superlink
     if superlink.settings["melody_insecure"]:
-        port = superlink.settings["melody_superlink_port"]
+        # Without TLS the Control API shares the public port, except on flwr
+        # releases whose Control API has a listener of its own.
+        settings = superlink.settings
+        flags = flwr_flags.probe(settings["melody_flwr_version"], flags_cache_dir(settings))
+        grpc = flwr_cli.superlink_family(flags.superlink) == flwr_cli.GRPC
+        port = settings["melody_superlink_internal_port" if grpc else "melody_superlink_port"]
         return {"address": address or f"{superlink.address}:{port}", "insecure": True}
 
     ca = ca_certificate_path(superlink.settings)

@@ -130,7 +130,8 @@ SETTINGS: tuple[Setting, ...] = (
             "A deploy renews a generated certificate (and warns about a supplied one) that expires "
             "within this many days."),
     Setting("melody_superlink_internal_port", 8001, int, SUPERLINK,
-            "Loopback port of the SuperLink behind nginx; researchers' SSH tunnels reach the Control API there."),
+            "Loopback port of the SuperLink behind nginx (on flwr 1.27 and earlier: of its Control API "
+            "listener); researchers' SSH tunnels reach the Control API there."),
     Setting("melody_control_user", "melody-control", str, SUPERLINK,
             "System user on the SuperLink host that researchers' SSH tunnels log in as; it may only "
             "forward to the Control API."),
@@ -143,6 +144,20 @@ SETTINGS: tuple[Setting, ...] = (
             "Free space in MiB that `melody_deploy.verify` expects on the file systems of the state and log folders."),
     Setting("melody_teardown_purge", False, bool, ALL,
             "Let `deploy/teardown.py` also delete the state folders (the SuperLink's database) and the SuperLink's logs."),
+    # flwr versions: the gRPC command line family (flwr 1.27 and earlier), upgrades and retired venvs.
+    Setting("melody_superlink_serverappio_port", 9091, int, SUPERLINK,
+            "Loopback port of the SuperLink's ServerAppIo API on flwr releases with `--serverappio-api-address` "
+            "(1.27 and earlier); later releases serve it on the SuperLink's own port."),
+    Setting("melody_superlink_storage_dir", None, (str, type(None)), SUPERLINK,
+            "Folder for the SuperLink's Flower File System (`--storage-dir`, flwr 1.28 and earlier only); "
+            "unset: flwr's default.",
+            example="/var/lib/melody-superlink/ffs", default_text="none: flwr's default"),
+    Setting("melody_flwr_staged_upgrade", False, bool, ALL,
+            "Allow hosts of one federation on different flwr major.minor versions while you upgrade them "
+            "one by one; set it on every host, and back to False once all hosts run the new version."),
+    Setting("melody_venv_retire_after", 2, int, ALL,
+            "Successful flwr upgrades after which a host deletes an older venv and its wheelhouse; "
+            "the venv in use and the rollback target are always kept."),
 )
 
 BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import jinja2
 
-from . import flwr_cli
+from . import flwr_cli, flwr_flags
+from .flwr_flags import FlwrFlags
 from .preflight import ResolvedHost
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -109,72 +110,96 @@ def protect_home(data_dir: str) -> str:
     return "read-only" if (data_dir + "/").startswith(homes) else "yes"
 
 
-def superlink_context(host: ResolvedHost, paths: HostPaths) -> dict:
+def release_flags(settings: dict, flags: FlwrFlags | None) -> FlwrFlags:
+    """Return `flags`, or probe those of the host's pinned flwr (cached in the wheelhouse cache)."""
+    if flags is not None:
+        return flags
+    return flwr_flags.probe(settings["melody_flwr_version"], flags_cache_dir(settings))
+
+
+def flags_cache_dir(settings: dict) -> Path:
+    return Path(settings["melody_wheelhouse_cache"]).resolve() / "flwr-flags"
+
+
+def storage_dirs(settings: dict) -> list[str]:
+    """Return the SuperLink's Flower File System folder, when a setting names one."""
+    storage_dir = settings.get("melody_superlink_storage_dir")
+    return [] if storage_dir is None else [storage_dir]
+
+
+def superlink_args(settings: dict, flags: FlwrFlags) -> list[str]:
+    tls = None if settings["melody_insecure"] else REMOTE_TLS
+    options = flwr_cli.superlink_options(settings, flags, tls)
+    return flwr_cli.render_args("flower-superlink", flags.version, options, flags.superlink)
+
+
+def supernode_args(settings: dict, flags: FlwrFlags) -> list[str]:
+    options = flwr_cli.supernode_options(
+        settings, flags, node_config_argument(settings), REMOTE_TLS.ca_certificate, supernode_key_path(settings),
+    )
+    return flwr_cli.render_args("flower-supernode", flags.version, options, flags.supernode)
+
+
+def superlink_context(host: ResolvedHost, paths: HostPaths, flags: FlwrFlags | None = None) -> dict:
     settings = host.settings
+    flags = release_flags(settings, flags)
     state_dir = settings["melody_superlink_state_dir"]
     log_dir = settings["melody_superlink_log_dir"]
     insecure = settings["melody_insecure"]
-    # With TLS, nginx publishes the Fleet API and the SuperLink itself listens
-    # on loopback only, so it talks to no other address.
+    read_write_paths = [state_dir, log_dir, *storage_dirs(settings)]
+
+    # With TLS on the HTTP family, nginx publishes the Fleet API and the
+    # SuperLink itself listens on loopback only, so it talks to no other
+    # address. The gRPC family's own Fleet listener takes SuperNodes directly.
+    grpc = flwr_cli.superlink_family(flags.superlink) == flwr_cli.GRPC
     if insecure:
-        listen_host, port, ip_address_allow = settings["melody_superlink_listen_host"], settings["melody_superlink_port"], []
+        ip_address_allow, ip_address_note = [], "without TLS (melody_insecure) the deploy does not restrict which addresses this service talks to"
+    elif grpc:
+        ip_address_allow = []
+        ip_address_note = ("on flwr releases with a Fleet listener of their own (1.27 and earlier), "
+                           "SuperNodes connect to this service directly from any address")
     else:
-        listen_host, port, ip_address_allow = "127.0.0.1", settings["melody_superlink_internal_port"], ["localhost"]
-    args = flwr_cli.superlink_args(
-        listen_host=listen_host,
-        port=port,
-        database=f"{state_dir}/state.db",
-        log_file=f"{log_dir}/superlink.log",
-        log_rotation_hours=settings["melody_log_rotation_hours"],
-        log_backup_count=settings["melody_log_backup_count"],
-        insecure=insecure,
-        tls=None if insecure else REMOTE_TLS,
-    )
+        ip_address_allow, ip_address_note = ["localhost"], ""
     return {
         "description": "MELODY Flower SuperLink",
         "user": settings["melody_service_user"],
         "executable": f"{paths.venv}/bin/flower-superlink",
-        "args": args,
+        "args": superlink_args(settings, flags),
         "environment": environment(settings, paths.venv, f"{state_dir}/flwr"),
         "working_directory": state_dir,
-        "read_write_paths": [state_dir, log_dir],
+        "read_write_paths": read_write_paths,
         "read_only_paths": [],
         "protect_home": "yes",
         "service_type": "simple",
         "start_lines": [],
         "ip_address_allow": ip_address_allow,
+        "ip_address_note": ip_address_note,
         "restart_sec": SUPERLINK_RESTART_SEC,
         "insecure": insecure,
         "flwr_version": settings["melody_flwr_version"],
     }
 
 
-def supernode_context(host: ResolvedHost, paths: HostPaths, egress_addresses: tuple[str, ...] = ()) -> dict:
+def supernode_context(host: ResolvedHost, paths: HostPaths, egress_addresses: tuple[str, ...] = (),
+                      flags: FlwrFlags | None = None) -> dict:
     """Return the SuperNode unit's values; with TLS it may reach `egress_addresses` and loopback only."""
     settings = host.settings
+    flags = release_flags(settings, flags)
     state_dir = settings["melody_supernode_state_dir"]
     insecure = settings["melody_insecure"]
-    args = flwr_cli.supernode_args(
-        superlink_address=settings["melody_superlink_address"],
-        listen_host=settings["melody_supernode_listen_host"],
-        port=settings["melody_supernode_port"],
-        node_config=node_config_argument(settings),
-        insecure=insecure,
-        root_certificates=REMOTE_TLS.ca_certificate,
-        auth_private_key=supernode_key_path(settings),
-    )
     # The SuperNode's own ClientApp processes reach its Runtime API on loopback.
     ip_address_allow = [] if insecure else ["localhost", *egress_addresses]
     return {
         "description": f"MELODY Flower SuperNode (partition {settings['melody_partition_id']})",
         "user": settings["melody_service_user"],
         **audited_supernode(paths.venv, state_dir),
-        "args": args,
+        "args": supernode_args(settings, flags),
         "working_directory": state_dir,
         "read_write_paths": [state_dir],
         "read_only_paths": [settings["melody_data_dir"]],
         "protect_home": protect_home(settings["melody_data_dir"]),
         "ip_address_allow": ip_address_allow,
+        "ip_address_note": "without TLS (melody_insecure) the deploy does not restrict which addresses this service talks to",
         "restart_sec": SUPERNODE_RESTART_SEC,
         "insecure": insecure,
         "flwr_version": settings["melody_flwr_version"],
@@ -212,9 +237,10 @@ def render(template_name: str, context: dict) -> str:
     return environment_.get_template(template_name).render(**context)
 
 
-def render_superlink_unit(host: ResolvedHost, paths: HostPaths) -> str:
-    return render(f"{SUPERLINK_UNIT}.j2", superlink_context(host, paths))
+def render_superlink_unit(host: ResolvedHost, paths: HostPaths, flags: FlwrFlags | None = None) -> str:
+    return render(f"{SUPERLINK_UNIT}.j2", superlink_context(host, paths, flags))
 
 
-def render_supernode_unit(host: ResolvedHost, paths: HostPaths, egress_addresses: tuple[str, ...] = ()) -> str:
-    return render(f"{SUPERNODE_UNIT}.j2", supernode_context(host, paths, egress_addresses))
+def render_supernode_unit(host: ResolvedHost, paths: HostPaths, egress_addresses: tuple[str, ...] = (),
+                          flags: FlwrFlags | None = None) -> str:
+    return render(f"{SUPERNODE_UNIT}.j2", supernode_context(host, paths, egress_addresses, flags))

@@ -108,9 +108,14 @@ BAD_INVENTORIES = [
         id="superlink-address-without-port",
     ),
     pytest.param(
-        with_data("link", melody_flwr_version="1.99.0"),
-        ["link", "melody_flwr_version", "'1.99.0'", "1.42.x"],
-        id="unknown-flwr-version",
+        with_data("site-a", melody_flwr_version="1.42.5"),
+        ["site-a", "melody_flwr_version", "'1.42.5'", "egress record", "1.27.0, 1.42.0"],
+        id="supernode-flwr-version-unchecked",
+    ),
+    pytest.param(
+        with_data("link", melody_flwr_version="1.20.0"),
+        ["link", "melody_flwr_version", "'1.20.0'", "older than flwr 1.27.0"],
+        id="flwr-version-too-old",
     ),
     pytest.param(
         with_data("link", melody_flwr_version="latest"),
