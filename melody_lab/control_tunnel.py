@@ -36,7 +36,7 @@ def free_local_port() -> int:
         return probe.getsockname()[1]
 
 
-def lab_tunnel_command(port: int) -> list[str]:
+def lab_tunnel_command(port: int, inventory: Path = LAB_INVENTORY) -> list[str]:
     options = [
         "-i", str(researcher_key()),
         "-o", "IdentitiesOnly=yes",
@@ -44,7 +44,7 @@ def lab_tunnel_command(port: int) -> list[str]:
         "-o", f"UserKnownHostsFile={settings.state_dir() / 'ssh' / 'known_hosts'}",
         "-o", "StrictHostKeyChecking=yes",
     ]
-    return tunnel_command(load_inventory(LAB_INVENTORY), port, options)
+    return tunnel_command(load_inventory(inventory), port, options)
 
 
 def wait_for_port(port: int, process: subprocess.Popen) -> None:
@@ -59,10 +59,13 @@ def wait_for_port(port: int, process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def control_tunnel(port: int | None = None):
-    """Open the tunnel on `port` (default: a free one), yield the port, close it on exit."""
+def control_tunnel(port: int | None = None, inventory: Path = LAB_INVENTORY):
+    """Open the tunnel on `port` (default: a free one), yield the port, close it on exit.
+
+    `inventory` is a lab inventory; its SuperLink's settings name the Control API's port.
+    """
     port = port or free_local_port()
-    command = lab_tunnel_command(port)
+    command = lab_tunnel_command(port, inventory)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log.info("tunnel: started ssh (pid %d) forwarding 127.0.0.1:%d to the Control API", process.pid, port)
     try:
