@@ -12,6 +12,7 @@ the other lab tests expect.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -129,15 +130,17 @@ def test_127_readme_listeners(versions):
     supernode_listening = {name: output_of(lab, name, "ss -Hltn") for name in supernode_names(lab)}
     command_line = output_of(lab, "superlink", f"systemctl show --property ExecStart --value {SUPERLINK_UNIT}")
 
-    assert "127.0.0.1:9091" in listening
-    assert "0.0.0.0:9092" in listening
-    assert "127.0.0.1:9093" in listening
+    # gRPC prints an IPv4 loopback listener as [::ffff:127.0.0.1] and a wildcard one as *.
+    assert re.search(r"\s(\[::ffff:)?127\.0\.0\.1\]?:9091\s", listening), listening
+    assert re.search(r"\s(\*|0\.0\.0\.0):9092\s", listening), listening
+    assert re.search(r"\s(\[::ffff:)?127\.0\.0\.1\]?:9093\s", listening), listening
+    assert ":8000 " not in listening
     assert "--storage-dir /var/lib/melody-superlink/ffs" in command_line
     assert "--enable-supernode-auth" in command_line
-    # The Fleet listener is the SuperLink's own, so no nginx front stands before it.
+    # The Fleet listener is the SuperLink's own, so no nginx front is installed.
     assert on_host(lab, "superlink", "test -e /etc/nginx/conf.d/melody-fleet.conf").returncode != 0
     for name, sockets in supernode_listening.items():
-        assert "127.0.0.1:9095" in sockets, name
+        assert re.search(r"\s(\[::ffff:)?127\.0\.0\.1\]?:9095\s", sockets), f"{name}: {sockets}"
         assert "registered with SuperLink" in journal(lab, name, SUPERNODE_UNIT), name
 
 
