@@ -20,6 +20,7 @@ import runpy
 import shutil
 import sys
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import tomli_w
@@ -101,6 +102,22 @@ def tunnel_command(specs: list[HostSpec], tunnel_port: int = DEFAULT_TUNNEL_PORT
     return command + list(ssh_options) + [f"{settings['melody_control_user']}@{superlink.address}"]
 
 
+def cli_version_mismatch(specs: list[HostSpec]) -> str | None:
+    """Return why this machine's `flwr` cannot talk to the inventory's SuperLink, or None.
+
+    Flower's CLI and SuperLink must share major.minor.
+    """
+    expected = validate_inventory(specs).superlink.settings["melody_flwr_version"]
+    try:
+        installed = metadata.version("flwr")
+    except metadata.PackageNotFoundError:
+        return f"flwr is not installed here; install flwr=={expected} to reach the SuperLink"
+    if installed.split(".")[:2] != expected.split(".")[:2]:
+        return (f"this machine's flwr is {installed} but the SuperLink runs {expected}; "
+                f"run `flwr` from a venv with flwr=={expected}")
+    return None
+
+
 def write_connection(config_path: Path, name: str, entry: dict) -> None:
     config = {}
     if config_path.exists():
@@ -138,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
 
     write_connection(config_path, args.connection, entry)
     print(f"wrote [superlink.{args.connection}] address = {entry['address']} to {config_path}")
+    mismatch = cli_version_mismatch(specs)
+    if mismatch:
+        print(f"warning: {mismatch}", file=sys.stderr)
     if entry.get("insecure"):
         print("warning: this connection has TLS off (insecure = true); lab use only", file=sys.stderr)
     else:

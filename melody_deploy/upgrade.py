@@ -110,6 +110,8 @@ def switch_script(plan: HostPlan, unit: str, previous: str, check_script: str, d
     lines = [
         "set -u",
         f"unit={unit}",
+        "check_log=$(mktemp)",
+        "trap 'rm -f \"$check_log\"' EXIT",
         f"saved={staging}/{unit}.previous",
         f"cp -p {unit_path} \"$saved\"",
         f"echo \"switching $unit from {previous} to {plan.paths.venv} (flwr {version})\"",
@@ -135,7 +137,7 @@ def switch_script(plan: HostPlan, unit: str, previous: str, check_script: str, d
         "systemctl enable --quiet \"$unit\"",
         "systemctl start \"$unit\" || true",
         "healthy() {",
-        f"  ( {check_script} ) >/tmp/melody-switch-check.log 2>&1 &",
+        f"  ( {check_script} ) >\"$check_log\" 2>&1 &",
         "  check=$!",
         "  restarts_before=$(systemctl show --property NRestarts --value \"$unit\")",
         f"  for second in $(seq {RESTART_WATCH}); do",
@@ -155,7 +157,7 @@ def switch_script(plan: HostPlan, unit: str, previous: str, check_script: str, d
         "  rm -f \"$saved\"",
         "  exit 0",
         "fi",
-        "cat /tmp/melody-switch-check.log >&2",
+        "cat \"$check_log\" >&2",
         journal_on_failure(unit),
         f"echo \"ROLLBACK: $unit did not start healthy on flwr {version}; restoring {previous}, its unit\""
         " \"${database_copy:+and the database copy $database_copy}\" >&2",
@@ -178,7 +180,7 @@ def switch_script(plan: HostPlan, unit: str, previous: str, check_script: str, d
         f"  echo \"ROLLBACK done: $unit runs {previous} again; the flwr {version} venv stays for inspection\" >&2",
         "  exit 1",
         "fi",
-        "cat /tmp/melody-switch-check.log >&2",
+        "cat \"$check_log\" >&2",
         f"echo \"ROLLBACK FAILED: $unit does not start on {previous} either; the saved unit is $saved\" >&2",
         "exit 2",
     ]

@@ -8,6 +8,7 @@ import pytest
 
 from melody_deploy.errors import PreflightError
 from melody_deploy.preflight import HostSpec, validate_inventory
+from melody_deploy.researcher import cli_version_mismatch
 from melody_deploy.upgrade import retire_script
 
 
@@ -137,3 +138,14 @@ def test_retire_after_three_keeps_two_old(tmp_path):
 
     assert not (venvs / names[0]).exists()
     assert all((venvs / name).is_dir() for name in names[1:])
+
+
+def test_researcher_cli_mismatch_named():
+    # This machine's flwr is 1.42.0, the version the project's venv pins.
+    on_127 = [{"melody_flwr_version": "1.27.0"}, {"melody_flwr_version": "1.27.0"}, {"melody_flwr_version": "1.27.0"}]
+
+    mismatch = cli_version_mismatch(specs(*on_127))
+
+    assert "this machine's flwr is 1.42.0 but the SuperLink runs 1.27.0" in mismatch
+    assert "flwr==1.27.0" in mismatch
+    assert cli_version_mismatch(specs({"melody_flwr_version": "1.42.1"}, {})) is None
