@@ -210,7 +210,10 @@ def switch_service(plan: HostPlan, unit: str, content: str, changes: list, check
         name=f"new {unit} is staged for the switch to flwr {plan.settings['melody_flwr_version']}",
         src=StringIO(content), dest=f"{staging}/{unit}.new", user="root", group="root", mode="0644",
     )
+    backup = ""
+    if database is not None:
+        backup = f" after a copy of {database} to {plan.settings['melody_superlink_backup_dir']}/pre-upgrade/"
     server.shell(
-        name=f"{unit} is switched from {previous} to {plan.paths.venv}, or rolled back",
+        name=f"{unit} is switched from {previous} to {plan.paths.venv}{backup}, or rolled back",
         commands=[switch_script(plan, unit, previous, check_script, database)],
     )

@@ -1,11 +1,11 @@
 """flwr versions on the lab: the README's 1.27.0 deployment, the upgrade to 1.42.0, a rollback.
 
 The tests share the session's lab and run in file order. They first tear
-the federation down with its state (a SuperLink database written by 1.42
-cannot go back to 1.27), deploy flwr 1.27.0 with the MELODY README's
-listeners and run melody_app, upgrade to the lab's own inventory (1.42.0)
-and run again, then try an upgrade to a deliberately broken flwr 1.42.1,
-which must roll back. The lab ends deployed as inventories/lab.py says, as
+the federation down with its state, because a SuperLink database written by
+1.42 cannot go back to 1.27. Then they deploy flwr 1.27.0 with the MELODY
+README's listeners and run melody_app, upgrade to the lab's own inventory
+(1.42.0) and run again. Last, an upgrade to a deliberately broken flwr
+1.42.1 must roll back. The lab ends deployed as inventories/lab.py says, as
 the other lab tests expect.
 """
 
@@ -48,7 +48,6 @@ README_127 = """\
                  for name, data in superlink]
     supernodes = [(name, {**data, **release, "melody_supernode_port": 9095}) for name, data in supernodes]
 """
-DEFAULT_VENV_GLOB = "/opt/melody/venvs/flwr-1.42.0-*"
 RUN_CONFIG = "num-server-rounds=2 local-epochs=1 cpu-threads=1"
 
 
@@ -170,7 +169,8 @@ def test_upgrade_to_142_keeps_earlier_run(versions):
     new_venv = unit_venv(lab, "superlink", SUPERLINK_UNIT)
     assert "flwr-1.27.0-" in old_venv
     assert "flwr-1.42.0-" in new_venv
-    assert "state database backed up to /var/backups/melody-superlink/pre-upgrade/" in superlink.stdout
+    assert ("after a copy of /var/lib/melody-superlink/state.db to /var/backups/melody-superlink/pre-upgrade/"
+            in superlink.stderr)
     assert output_of(lab, "superlink", "ls /var/backups/melody-superlink/pre-upgrade/").endswith(
         "-before-flwr-1.42.0.db")
     # The rollback target stays installed beside the venv in use.
