@@ -12,7 +12,7 @@ families exist:
   HTTP server on `--host`/`--port` for every API.
 
 An option that an inventory setting requested but the release lacks stops the
-deploy with the setting, the release and the fix; a hardening option that the
+deploy with the setting, the release and the fix. A hardening option that the
 release does not know is left out.
 """
 
@@ -146,7 +146,7 @@ def superlink_options(settings: dict, flags: FlwrFlags, tls: ServerTls | None) -
         Option("--log-rotation-backup-count", str(settings["melody_log_backup_count"]),
                setting="melody_log_backup_count"),
         # Hosts in a TRE are offline and must run only what was installed.
-        # Releases without the flag install no dependencies at run time.
+        # flwr 1.27 has no such flag and, read from its source, no run-time installation.
         Option("--disable-runtime-dependency-installation", required=False),
         Option("--isolation", "subprocess"),
     ]

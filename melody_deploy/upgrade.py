@@ -67,8 +67,8 @@ def retire_script(settings: dict, unit: str, previous: str, current: str) -> str
 
     A venv is retired once `melody_venv_retire_after` switches have happened
     since it was last in use. The venv in use, the rollback target
-    `previous`, and any venv another melody unit runs are always kept; the
-    wheelhouse of a deleted venv goes with it.
+    `previous`, and any venv another melody unit runs are always kept. The
+    wheelhouse of a deleted venv is deleted with it.
     """
     install_dir = settings["melody_install_dir"]
     keep_last = settings["melody_venv_retire_after"]
