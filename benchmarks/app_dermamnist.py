@@ -149,7 +149,8 @@ def run_central(site_dirs: list[Path], settings: task.RunSettings, out: Path) ->
             learning_rate=task.round_learning_rate(settings.learning_rate, server_round,
                                                    settings.num_rounds),
             batch_size=settings.batch_size, class_weight=weights, device=device,
-            seed=settings.seed + server_round, train_log_prior=prior)
+            seed=settings.seed + server_round, train_log_prior=prior,
+            optimizer_name=settings.local_optimizer)
         result = task.evaluate(model, test_set, num_classes=len(settings.labels),
                                batch_size=256, device=device,
                                test_time_augmentation=settings.test_time_augmentation,

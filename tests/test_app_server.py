@@ -100,7 +100,8 @@ def test_artefacts_are_written(tmp_path: Path) -> None:
     bundle = torch.load(saved.model, weights_only=True)
     assert bundle["labels"] == list(settings.labels)
     assert bundle["settings"]["model_width"] == settings.model_width
-    restored = task.Net(len(bundle["labels"]), bundle["settings"]["model_width"])
+    restored = task.Net(len(bundle["labels"]), bundle["settings"]["model_width"],
+                        bundle["settings"]["norm"])
     restored.load_state_dict(bundle["state_dict"])
     assert json.loads(saved.metrics.read_text())["rounds"][2]["accuracy"] == pytest.approx(0.8)
     with Image.open(saved.plot) as plot:
@@ -110,3 +111,21 @@ def test_artefacts_are_written(tmp_path: Path) -> None:
         assert len(plot.getcolors(maxcolors=100000)) > 2
     assert sorted(path.name for path in saved.folder.iterdir()) == [
         "curves.png", "metrics.json", "model.pt"]
+
+
+def test_server_momentum_step_by_hand() -> None:
+    step = server_app.ServerStep(learning_rate=1.0, momentum=0.5)
+
+    def record(weight: list[float], variance: list[float], count: int) -> ArrayRecord:
+        return ArrayRecord({"weight": torch.tensor(weight), "bn.running_var": torch.tensor(variance),
+                            "bn.num_batches_tracked": torch.tensor(count)})
+
+    first = step.apply(record([1.0, 1.0], [1.0], 4), record([0.8, 1.2], [0.5], 6))
+    # Round 1: the update is the plain average's change, 0.2 and -0.2.
+    assert first["weight"].numpy().tolist() == pytest.approx([0.8, 1.2])
+    second = step.apply(first, record([0.7, 1.2], [0.4], 8))
+    # Round 2: update 0.1 and 0.0, plus half of round 1's 0.2 and -0.2.
+    assert second["weight"].numpy().tolist() == pytest.approx([0.6, 1.3])
+    # Batch normalisation statistics and counters are the plain average.
+    assert second["bn.running_var"].numpy().tolist() == pytest.approx([0.4])
+    assert second["bn.num_batches_tracked"].numpy().tolist() == 8

@@ -67,6 +67,10 @@ def test_defaults_read() -> None:
     ("class-weight-power", 2.0, "between 0 (no weighting) and 1 (balanced)"),
     ("test-fraction", 1.0, "greater than 0 and less than 1"),
     ("fraction-train", 0.0, "greater than 0 and at most 1"),
+    ("norm", "layer", "batch or group"),
+    ("server-momentum", 1.0, "less than 1"),
+    ("server-learning-rate", 0.0, "greater than 0"),
+    ("local-optimizer", "adam", "adamw or sgd"),
 ])
 def test_bad_setting_names_key_value_and_fix(key: str, value: object, expected: str) -> None:
     config = default_config()
@@ -131,6 +135,16 @@ def test_net_takes_the_configured_size_and_width() -> None:
     assert model(torch.zeros(2, 3, 40, 40)).shape == (2, 7)
     assert task.parameter_bytes(model) == sum(
         value.numel() * value.element_size() for value in model.state_dict().values())
+
+
+def test_group_norm_keeps_no_running_statistics() -> None:
+    batch = task.Net(7, width=8, norm="batch")
+    group = task.Net(7, width=8, norm="group")
+
+    # Sites send the whole state dict: with group normalisation it holds weights only.
+    assert any("running_var" in key for key in batch.state_dict())
+    assert not any("running" in key or "num_batches" in key for key in group.state_dict())
+    assert group(torch.zeros(2, 3, 28, 28)).shape == (2, 7)
 
 
 # Training and evaluation

@@ -77,6 +77,7 @@ def train(msg: Message, context: Context) -> Message:
         seed=settings.seed + server_round,
         proximal_mu=proximal_mu,
         train_log_prior=task.log_prior(class_counts) if settings.prior_correction else None,
+        optimizer_name=settings.local_optimizer,
     )
     log(INFO, "Site %s, round %d: training loss %.4f, %.0f images/s", site, server_round,
         result.loss, result.images_per_second)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx, Result
@@ -41,11 +41,12 @@ def main(grid: Grid, context: Context) -> None:
         train_metrics_aggr_fn=tracker.aggregate_train,
         evaluate_metrics_aggr_fn=tracker.aggregate_evaluate,
     )
+    server_step = ServerStep(settings.server_learning_rate, settings.server_momentum)
     if settings.strategy == "fedprox":
-        strategy = with_class_counts(FedProx, tracker)(proximal_mu=settings.proximal_mu,
-                                                       **options)
+        strategy = with_class_counts(FedProx, tracker, server_step)(
+            proximal_mu=settings.proximal_mu, **options)
     else:
-        strategy = with_class_counts(FedAvg, tracker)(**options)
+        strategy = with_class_counts(FedAvg, tracker, server_step)(**options)
     tracker.start()
     result = strategy.start(
         grid=grid,
@@ -96,14 +97,67 @@ def main(grid: Grid, context: Context) -> None:
         )
 
 
-def with_class_counts(strategy_class: type, tracker: "RoundTracker") -> type:
+class ServerStep:
+    """Server learning rate and momentum applied to the averaged update (FedAvgM).
+
+    The averaged change of the sites' weights is treated as a gradient:
+    momentum keeps moving the model in the direction that several rounds
+    agree on, which damps the round-to-round swing that sites with
+    different class mixes cause. Batch normalisation statistics are plain
+    averages: a momentum step could make a running variance negative.
+    """
+
+    def __init__(self, learning_rate: float, momentum: float) -> None:
+        self.learning_rate = learning_rate
+        self.momentum = momentum
+        self.velocity: dict[str, np.ndarray] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.learning_rate != 1.0 or self.momentum > 0
+
+    def apply(self, previous: ArrayRecord, averaged: ArrayRecord) -> ArrayRecord:
+        """Return the new global arrays from the previous ones and the sites' average."""
+        before = previous.to_numpy_ndarrays()
+        after = averaged.to_numpy_ndarrays()
+        stepped = {}
+        for key, old, new in zip(averaged.keys(), before, after, strict=True):
+            if not np.issubdtype(old.dtype, np.floating) or key.endswith(
+                    ("running_mean", "running_var")):
+                stepped[key] = Array(np.asarray(new))
+                continue
+            update = old - new
+            if self.momentum > 0:
+                if key in self.velocity:
+                    update = self.momentum * self.velocity[key] + update
+                self.velocity[key] = update
+            stepped[key] = Array(np.asarray(old - self.learning_rate * update, dtype=old.dtype))
+        return ArrayRecord(stepped)
+
+
+def with_class_counts(strategy_class: type, tracker: "RoundTracker",
+                      server_step: ServerStep | None = None) -> type:
     """Return a subclass of `strategy_class` that sends the round's pooled train class counts.
 
     Sites evaluate with these counts to turn prior-free scores into
-    probabilities for the whole federation's class mix.
+    probabilities for the whole federation's class mix. With an active
+    `server_step`, the averaged weights also get the server's momentum step.
     """
 
     class WithClassCounts(strategy_class):
+        previous: ArrayRecord | None = None
+
+        def configure_train(self, server_round, arrays, config, grid):
+            self.previous = arrays
+            return super().configure_train(server_round, arrays, config, grid)
+
+        def aggregate_train(self, server_round, replies):
+            arrays, train_metrics = super().aggregate_train(server_round, replies)
+            if arrays is not None and server_step is not None and server_step.active \
+                    and self.previous is not None:
+                arrays = server_step.apply(self.previous, arrays)
+            return arrays, train_metrics
+
         def configure_evaluate(self, server_round, arrays, config, grid):
             if tracker.class_counts is not None:
                 config["train-class-counts"] = [int(count) for count in tracker.class_counts]

@@ -21,6 +21,8 @@ from skin_lesion import metrics
 from skin_lesion.sitedata import DataSettings, ImageSet
 
 STRATEGIES = ("fedavg", "fedprox")
+NORMS = ("batch", "group")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,12 @@ class RunSettings:
     seed: int
     strategy: str
     proximal_mu: float
+    server_learning_rate: float
+    server_momentum: float
+    local_optimizer: str
     image_size: int
     model_width: int
+    norm: str
     class_weight_power: float
     output_dir: str
     cpu_threads: int
@@ -68,8 +74,12 @@ def read_settings(config: Mapping[str, object]) -> RunSettings:
         seed=int(config["seed"]),
         strategy=str(config["strategy"]).strip().lower(),
         proximal_mu=float(config["proximal-mu"]),
+        server_learning_rate=float(config.get("server-learning-rate", 1.0)),
+        server_momentum=float(config.get("server-momentum", 0.0)),
+        local_optimizer=str(config.get("local-optimizer", "adamw")).strip().lower(),
         image_size=int(config["image-size"]),
         model_width=int(config["model-width"]),
+        norm=str(config.get("norm", "batch")).strip().lower(),
         class_weight_power=float(config["class-weight-power"]),
         output_dir=str(config["output-dir"]),
         cpu_threads=int(config["cpu-threads"]),
@@ -98,10 +108,17 @@ def read_settings(config: Mapping[str, object]) -> RunSettings:
         (settings.strategy in STRATEGIES, "strategy", settings.strategy,
          " or ".join(STRATEGIES)),
         (settings.proximal_mu >= 0, "proximal-mu", settings.proximal_mu, "0 or more"),
+        (settings.server_learning_rate > 0, "server-learning-rate",
+         settings.server_learning_rate, "greater than 0"),
+        (0 <= settings.server_momentum < 1, "server-momentum", settings.server_momentum,
+         "0 (none) or more and less than 1"),
+        (settings.local_optimizer in OPTIMIZERS, "local-optimizer", settings.local_optimizer,
+         " or ".join(OPTIMIZERS)),
         (8 <= settings.image_size <= 224, "image-size", settings.image_size,
          "between 8 and 224 pixels"),
         (1 <= settings.model_width <= 256, "model-width", settings.model_width,
          "between 1 and 256 channels"),
+        (settings.norm in NORMS, "norm", settings.norm, " or ".join(NORMS)),
         (0 <= settings.class_weight_power <= 1, "class-weight-power",
          settings.class_weight_power, "between 0 (no weighting) and 1 (balanced)"),
         (0 < settings.data.test_fraction < 1, "test-fraction", settings.data.test_fraction,
@@ -174,10 +191,22 @@ def device_name(device: torch.device) -> str:
 # The model
 
 
-def _conv_block(channels_in: int, channels_out: int) -> nn.Sequential:
+def _normalisation(channels: int, norm: str) -> nn.Module:
+    """Return batch normalisation, or group normalisation with 8 channels per group.
+
+    Group normalisation keeps no running statistics: averaging the running
+    statistics of sites with different class mixes gives a global model
+    whose batch normalisation matches no site's data.
+    """
+    if norm == "group":
+        return nn.GroupNorm(max(1, channels // 8), channels)
+    return nn.BatchNorm2d(channels)
+
+
+def _conv_block(channels_in: int, channels_out: int, norm: str) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(channels_in, channels_out, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(channels_out),
+        _normalisation(channels_out, norm),
         nn.ReLU(inplace=True),
     )
 
@@ -190,17 +219,17 @@ class Net(nn.Module):
     Global pooling lets the same model take any image size.
     """
 
-    def __init__(self, num_classes: int, width: int = 32) -> None:
+    def __init__(self, num_classes: int, width: int = 32, norm: str = "batch") -> None:
         super().__init__()
         self.features = nn.Sequential(
-            _conv_block(3, width),
-            _conv_block(width, width),
+            _conv_block(3, width, norm),
+            _conv_block(width, width, norm),
             nn.MaxPool2d(2),
-            _conv_block(width, 2 * width),
-            _conv_block(2 * width, 2 * width),
+            _conv_block(width, 2 * width, norm),
+            _conv_block(2 * width, 2 * width, norm),
             nn.MaxPool2d(2),
-            _conv_block(2 * width, 4 * width),
-            _conv_block(4 * width, 4 * width),
+            _conv_block(2 * width, 4 * width, norm),
+            _conv_block(4 * width, 4 * width, norm),
             nn.AdaptiveAvgPool2d(1),
         )
         self.classifier = nn.Sequential(
@@ -215,7 +244,7 @@ class Net(nn.Module):
 
 
 def build_model(settings: RunSettings) -> Net:
-    return Net(len(settings.labels), settings.model_width)
+    return Net(len(settings.labels), settings.model_width, settings.norm)
 
 
 def parameter_bytes(model: nn.Module) -> int:
@@ -282,6 +311,7 @@ def train(
     seed: int,
     proximal_mu: float = 0.0,
     train_log_prior: torch.Tensor | None = None,
+    optimizer_name: str = "adamw",
 ) -> TrainResult:
     """Train `model` in place with AdamW, class-weighted cross-entropy and augmentation.
 
@@ -302,7 +332,11 @@ def train(
     model.to(device)
     model.train()
     criterion = nn.CrossEntropyLoss(weight=class_weight.to(device))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    if optimizer_name == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9,
+                                    nesterov=True, weight_decay=1e-4)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
     anchor = [parameter.detach().clone() for parameter in model.parameters()]
     offset = None if train_log_prior is None else train_log_prior.to(device)
 
