@@ -129,3 +129,25 @@ def test_server_momentum_step_by_hand() -> None:
     # Batch normalisation statistics and counters are the plain average.
     assert second["bn.running_var"].numpy().tolist() == pytest.approx([0.4])
     assert second["bn.num_batches_tracked"].numpy().tolist() == 8
+
+
+def test_pooled_batch_norm_variance_by_hand() -> None:
+    def content(mean: float, variance: float, examples: int) -> RecordDict:
+        arrays = ArrayRecord({"bn.running_mean": torch.tensor([mean]),
+                              "bn.running_var": torch.tensor([variance]),
+                              "weight": torch.tensor([mean])})
+        return RecordDict({"arrays": arrays,
+                           "metrics": MetricRecord({"num-examples": examples})})
+
+    # Site A: mean 0, variance 1, 3 images; site B: mean 4, variance 1, 1 image.
+    contents = [content(0.0, 1.0, 3), content(4.0, 1.0, 1)]
+    averaged = ArrayRecord({"bn.running_mean": torch.tensor([1.0]),
+                            "bn.running_var": torch.tensor([1.0]),
+                            "weight": torch.tensor([1.0])})
+
+    pooled = server_app.pool_batch_norm_variance(contents, averaged, "num-examples")
+
+    # 0.75 * (1 + 0) + 0.25 * (1 + 16) - 1^2 = 4.
+    assert pooled["bn.running_var"].numpy().tolist() == pytest.approx([4.0])
+    assert pooled["bn.running_mean"].numpy().tolist() == pytest.approx([1.0])
+    assert pooled["weight"].numpy().tolist() == pytest.approx([1.0])

@@ -71,6 +71,7 @@ def test_defaults_read() -> None:
     ("server-momentum", 1.0, "less than 1"),
     ("server-learning-rate", 0.0, "greater than 0"),
     ("local-optimizer", "adam", "adamw or sgd"),
+    ("batch-norm-statistics", "median", "average or pooled"),
 ])
 def test_bad_setting_names_key_value_and_fix(key: str, value: object, expected: str) -> None:
     config = default_config()

@@ -42,11 +42,12 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_metrics_aggr_fn=tracker.aggregate_evaluate,
     )
     server_step = ServerStep(settings.server_learning_rate, settings.server_momentum)
+    pooled = settings.batch_norm_statistics == "pooled"
     if settings.strategy == "fedprox":
-        strategy = with_class_counts(FedProx, tracker, server_step)(
+        strategy = with_class_counts(FedProx, tracker, server_step, pooled)(
             proximal_mu=settings.proximal_mu, **options)
     else:
-        strategy = with_class_counts(FedAvg, tracker, server_step)(**options)
+        strategy = with_class_counts(FedAvg, tracker, server_step, pooled)(**options)
     tracker.start()
     result = strategy.start(
         grid=grid,
@@ -135,8 +136,35 @@ class ServerStep:
         return ArrayRecord(stepped)
 
 
+def pool_batch_norm_variance(contents: list[RecordDict], averaged: ArrayRecord,
+                             weight_key: str) -> ArrayRecord:
+    """Replace the averaged running variances with those of all sites' features together.
+
+    The plain average of the sites' variances leaves out how far the sites'
+    means lie apart, which label skew makes large: the pooled variance is the
+    weighted mean of (variance + mean^2), less the square of the pooled mean.
+    """
+    weights = np.array([float(content.metric_records["metrics"][weight_key])
+                        for content in contents])
+    weights /= weights.sum()
+    sites = [content.array_records["arrays"] for content in contents]
+    pooled = {}
+    for key, array in averaged.items():
+        values = array.numpy()
+        if key.endswith("running_var"):
+            mean_key = key[: -len("running_var")] + "running_mean"
+            means = [site[mean_key].numpy().astype(np.float64) for site in sites]
+            second = sum(weight * (site[key].numpy().astype(np.float64) + mean ** 2)
+                         for weight, site, mean in zip(weights, sites, means))
+            centre = sum(weight * mean for weight, mean in zip(weights, means))
+            values = (second - centre ** 2).astype(values.dtype)
+        pooled[key] = Array(np.asarray(values))
+    return ArrayRecord(pooled)
+
+
 def with_class_counts(strategy_class: type, tracker: "RoundTracker",
-                      server_step: ServerStep | None = None) -> type:
+                      server_step: ServerStep | None = None,
+                      pooled_statistics: bool = False) -> type:
     """Return a subclass of `strategy_class` that sends the round's pooled train class counts.
 
     Sites evaluate with these counts to turn prior-free scores into
@@ -152,7 +180,12 @@ def with_class_counts(strategy_class: type, tracker: "RoundTracker",
             return super().configure_train(server_round, arrays, config, grid)
 
         def aggregate_train(self, server_round, replies):
+            replies = list(replies)
             arrays, train_metrics = super().aggregate_train(server_round, replies)
+            if arrays is not None and pooled_statistics:
+                arrays = pool_batch_norm_variance(
+                    [reply.content for reply in replies if not reply.has_error()],
+                    arrays, self.weighted_by_key)
             if arrays is not None and server_step is not None and server_step.active \
                     and self.previous is not None:
                 arrays = server_step.apply(self.previous, arrays)

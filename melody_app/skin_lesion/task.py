@@ -23,6 +23,7 @@ from skin_lesion.sitedata import DataSettings, ImageSet
 STRATEGIES = ("fedavg", "fedprox")
 NORMS = ("batch", "group")
 OPTIMIZERS = ("adamw", "sgd")
+BATCH_NORM_STATISTICS = ("average", "pooled")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class RunSettings:
     image_size: int
     model_width: int
     norm: str
+    batch_norm_statistics: str
     class_weight_power: float
     output_dir: str
     cpu_threads: int
@@ -80,6 +82,7 @@ def read_settings(config: Mapping[str, object]) -> RunSettings:
         image_size=int(config["image-size"]),
         model_width=int(config["model-width"]),
         norm=str(config.get("norm", "batch")).strip().lower(),
+        batch_norm_statistics=str(config.get("batch-norm-statistics", "average")).strip().lower(),
         class_weight_power=float(config["class-weight-power"]),
         output_dir=str(config["output-dir"]),
         cpu_threads=int(config["cpu-threads"]),
@@ -119,6 +122,8 @@ def read_settings(config: Mapping[str, object]) -> RunSettings:
         (1 <= settings.model_width <= 256, "model-width", settings.model_width,
          "between 1 and 256 channels"),
         (settings.norm in NORMS, "norm", settings.norm, " or ".join(NORMS)),
+        (settings.batch_norm_statistics in BATCH_NORM_STATISTICS, "batch-norm-statistics",
+         settings.batch_norm_statistics, " or ".join(BATCH_NORM_STATISTICS)),
         (0 <= settings.class_weight_power <= 1, "class-weight-power",
          settings.class_weight_power, "between 0 (no weighting) and 1 (balanced)"),
         (0 < settings.data.test_fraction < 1, "test-fraction", settings.data.test_fraction,
