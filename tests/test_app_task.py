@@ -142,7 +142,7 @@ def test_group_norm_keeps_no_running_statistics() -> None:
     batch = task.Net(7, width=8, norm="batch")
     group = task.Net(7, width=8, norm="group")
 
-    # Sites send the whole state dict: with group normalisation it holds weights only.
+    # Sites send the whole state dict: with group normalisation it contains weights only.
     assert any("running_var" in key for key in batch.state_dict())
     assert not any("running" in key or "num_batches" in key for key in group.state_dict())
     assert group(torch.zeros(2, 3, 28, 28)).shape == (2, 7)

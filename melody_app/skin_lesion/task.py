@@ -318,7 +318,8 @@ def train(
     train_log_prior: torch.Tensor | None = None,
     optimizer_name: str = "adamw",
 ) -> TrainResult:
-    """Train `model` in place with AdamW, class-weighted cross-entropy and augmentation.
+    """Train `model` in place with AdamW (or `optimizer_name` "sgd"), class-weighted
+    cross-entropy and augmentation.
 
     With `proximal_mu` > 0 the loss adds mu / 2 times the squared distance of
     the weights from those the model started with (FedProx). Batches are
