@@ -8,7 +8,9 @@ itself. Before it starts, two functions of flwr's SuperNode loop are
 wrapped: the Fleet connection (to learn when the node has registered) and
 the push of reply messages (to record each one). Both are private names of
 flwr. The launcher exits on a flwr release that it has not been checked
-against, so that no reply can leave unrecorded.
+against, so that no reply can leave unrecorded. It also wraps the node's
+activation (melody_audit.session), so that a restart after a crash connects
+at once and an unregistered key exits with its own status.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from .flwr_compat import CHECKED_FLWR_VERSIONS, CONNECTION_FUNCTION
 from .egress import EgressRecorder, MessagePushAudit, RoundTracker
 from .notify import ServiceStatus, sd_notify
+from .session import SessionKeeper, install_activation_hook
 
 logger = logging.getLogger("melody_audit.supernode")
 
@@ -139,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         logger.error("egress record folder %s cannot be used: %s", audit_dir, error)
         sys.exit(EXIT_AUDIT_UNAVAILABLE)
     install_hooks(recorder, status, flwr_version)
+    # A restart after a crash reclaims the session that the killed process left open.
+    install_activation_hook(SessionKeeper(Path(audit_dir), status))
     status.update()
 
     from flwr.supernode.cli import flower_supernode  # pylint: disable=import-outside-toplevel

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import jinja2
 
+from melody_audit.session import EXIT_NOT_REGISTERED
+
 from . import flwr_cli, flwr_flags
 from .flwr_flags import FlwrFlags
 from .preflight import ResolvedHost
@@ -43,10 +45,13 @@ REMOTE_TLS = flwr_cli.ServerTls(
     key=f"{REMOTE_TLS_DIR}/superlink.key",
 )
 
-# Seconds before systemd restarts a failed service. A SuperNode waits longer:
-# the usual cause is a rejection by the SuperLink that a retry will not fix.
+# Seconds before systemd restarts a failed service. A SuperNode that crashed
+# reconnects at once (melody_audit.session), so it restarts quickly. A
+# SuperNode whose key the SuperLink does not know exits with
+# SUPERNODE_NOT_REGISTERED_STATUS, and the unit does not restart it.
 SUPERLINK_RESTART_SEC = 5
-SUPERNODE_RESTART_SEC = 30
+SUPERNODE_RESTART_SEC = 2
+SUPERNODE_NOT_REGISTERED_STATUS = EXIT_NOT_REGISTERED
 
 
 def supernode_key_path(settings: dict) -> str:
@@ -201,6 +206,7 @@ def supernode_context(host: ResolvedHost, paths: HostPaths, egress_addresses: tu
         "ip_address_allow": ip_address_allow,
         "ip_address_note": "without TLS (melody_insecure) the deploy does not restrict which addresses this service talks to",
         "restart_sec": SUPERNODE_RESTART_SEC,
+        "restart_prevent_exit_status": SUPERNODE_NOT_REGISTERED_STATUS,
         "insecure": insecure,
         "flwr_version": settings["melody_flwr_version"],
     }

@@ -73,12 +73,20 @@ def test_sandbox_options_in_both_units():
         assert "# MemoryDenyWriteExecute is left out" in unit
 
 
-def test_supernode_restarts_slowly_and_gives_up():
+def test_supernode_restarts_fast_except_unregistered():
     lines = service_lines(supernode_unit())
 
-    assert lines["RestartSec"] == ["30"]
+    assert lines["RestartSec"] == ["2"]
+    assert lines["RestartPreventExitStatus"] == ["78"]
     assert lines["StartLimitBurst"] == ["5"]
-    assert lines["StartLimitIntervalSec"] == ["600"]
+    assert lines["StartLimitIntervalSec"] == ["300"]
+
+
+def test_superlink_restarts_on_any_failure():
+    lines = service_lines(superlink_unit())
+
+    assert lines["RestartSec"] == ["5"]
+    assert "RestartPreventExitStatus" not in lines
 
 
 def test_nginx_publishes_fleet_routes_only():
