@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from melody_lab import lab as melody_lab  # noqa: E402
 from melody_lab import ssh  # noqa: E402
+from melody_lab.control_tunnel import control_tunnel, free_local_port  # noqa: E402
 from melody_lab.demo import parse_result, parse_run_id, researcher_env  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -124,13 +125,16 @@ class MemorySampler(threading.Thread):
 
 def federated_run(rounds: int, min_nodes: int) -> tuple[str, dict]:
     env = researcher_env(REPO / ".lab" / "researcher-flwr-home")
-    run([sys.executable, "-m", "melody_deploy.researcher", INVENTORY, "--connection", "lab"], env=env)
-    # NOTE: a 16-node run once waited for replies lost to SQLite lock errors on
-    # the SuperLink (docs/benchmarks.md), so the run gets a limit here.
-    output = run([str(BIN / "flwr"), "run", "melody_app", "lab", "--stream", "--run-config",
-                  f"num-server-rounds={rounds} min-nodes={min_nodes}"], env=env, timeout=900)
-    run_id = parse_run_id(output)
-    listing = json.loads(run([str(BIN / "flwr"), "ls", "lab", "--run-id", run_id, "--format", "json"], env=env))
+    port = free_local_port()
+    run([sys.executable, "-m", "melody_deploy.researcher", INVENTORY, "--connection", "lab",
+         "--tunnel-port", str(port)], env=env)
+    # The Control API is reached only through the researcher's SSH tunnel. A
+    # run gets a time limit, so that a lost reply cannot hold the benchmark.
+    with control_tunnel(port):
+        output = run([str(BIN / "flwr"), "run", "melody_app", "lab", "--stream", "--run-config",
+                      f"num-server-rounds={rounds} min-nodes={min_nodes}"], env=env, timeout=900)
+        run_id = parse_run_id(output)
+        listing = json.loads(run([str(BIN / "flwr"), "ls", "lab", "--run-id", run_id, "--format", "json"], env=env))
     return listing["runs"][0]["status"], parse_result(output)
 
 

@@ -41,6 +41,10 @@ FLEET_ROUTES = (
 # a few MB, and this leaves room for larger models.
 MAX_BODY_SIZE = "1g"
 READ_TIMEOUT = "300s"
+# Idle connections to the SuperLink that each nginx worker keeps open for reuse.
+UPSTREAM_KEEPALIVE = 16
+# Fleet requests that nginx passes to the SuperLink at once; the template says why.
+UPSTREAM_MAX_CONNS = 4
 
 
 def render_nginx_conf(plan: HostPlan) -> str:
@@ -57,6 +61,8 @@ def render_nginx_conf(plan: HostPlan) -> str:
         "routes": FLEET_ROUTES,
         "max_body_size": MAX_BODY_SIZE,
         "read_timeout": READ_TIMEOUT,
+        "upstream_keepalive": UPSTREAM_KEEPALIVE,
+        "upstream_max_conns": UPSTREAM_MAX_CONNS,
         "flwr_version": settings["melody_flwr_version"],
     })
 

@@ -8,6 +8,7 @@ the SuperLink host, through the Control API on loopback.
 from __future__ import annotations
 
 import shlex
+import threading
 
 from pyinfra import host as current_host
 from pyinfra import inventory
@@ -17,6 +18,17 @@ from pyinfra.operations import python, server
 from .control_access import register_script_path
 from .plan import HostPlan
 from .units import SUPERNODE_UNIT, supernode_key_path
+
+# pyinfra prepares and runs every SuperNode in its own greenlet, and all of
+# them reach the SuperLink host over one SSH connection, on which sshd opens at
+# most MaxSessions channels at once (10 by default). With 16 SuperNodes in
+# parallel the extra channels failed ("open failed"). So the registered keys
+# are read once per deploy, and at most SUPERLINK_SESSIONS registrations run
+# on the SuperLink host at once.
+SUPERLINK_SESSIONS = 4
+superlink_sessions = threading.BoundedSemaphore(SUPERLINK_SESSIONS)
+registered_keys_lock = threading.Lock()
+registered_keys_cache: dict[tuple[int, str, str], list[str] | None] = {}
 
 # The Control API's name for a SuperNode's key: an OpenSSH ECDSA key on a NIST
 # curve without a passphrase (flwr 1.42 rejects ed25519).
@@ -108,10 +120,18 @@ def openssh_to_pem(line: str) -> str:
 
 
 def registered_keys(plan: HostPlan) -> list[str] | None:
-    """Return the SuperLink's registered keys, or None when its database cannot be read."""
+    """Return the SuperLink's registered keys, or None when its database cannot be read.
+
+    The first SuperNode of a deploy reads them and the others reuse that read.
+    """
     superlink = plan.federation.superlink
     database = f"{superlink.settings['melody_superlink_state_dir']}/state.db"
-    return inventory.get_host(superlink.name).get_fact(RegisteredPublicKeys, database=database)
+    superlink_host = inventory.get_host(superlink.name)
+    key = (id(superlink_host.state), superlink.name, database)
+    with registered_keys_lock:
+        if key not in registered_keys_cache:
+            registered_keys_cache[key] = superlink_host.get_fact(RegisteredPublicKeys, database=database)
+        return registered_keys_cache[key]
 
 
 def register_script(plan: HostPlan, public_key: str) -> str:
@@ -149,8 +169,9 @@ def register_on_superlink(state, host, plan: HostPlan, key_path: str, known_unre
             raise OperationError(f"cannot read {key_path}.pub on {host.name}: {output.stderr}")
         public_key = output.stdout.strip()
 
-        status, output = superlink_host.run_shell_command(
-            register_script(plan, public_key), _sudo=bool(superlink_host.data.get("_sudo", False)))
+        with superlink_sessions:
+            status, output = superlink_host.run_shell_command(
+                register_script(plan, public_key), _sudo=bool(superlink_host.data.get("_sudo", False)))
         if status:
             host.log(output.stdout.strip())
             return
