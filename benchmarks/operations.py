@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import threading
@@ -30,7 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from melody_lab import lab as melody_lab  # noqa: E402
-from melody_lab import ssh  # noqa: E402
+from melody_lab import cgroups, ssh  # noqa: E402
+from melody_lab.settings import CGROUP_PARENT  # noqa: E402
 from melody_lab.control_tunnel import control_tunnel, free_local_port  # noqa: E402
 from melody_lab.demo import parse_result, parse_run_id, researcher_env  # noqa: E402
 
@@ -47,11 +49,33 @@ def run(command: list[str], env: dict | None = None, timeout: float = 3600) -> s
     return result.stdout
 
 
+def cpu_seconds() -> float:
+    """Return the CPU seconds used so far by the lab's hosts and by this script's child processes.
+
+    The lab's share comes from cgroup v2's cpu.stat of the lab's parent cgroup,
+    which every host of the lab is in. A step's CPU seconds divided by the
+    machine's cores is the least wall time that the step can take on an idle
+    machine, whatever other work shares this one.
+    """
+    lab_usec = 0
+    for root in cgroups.hierarchy_roots():
+        stat = root / CGROUP_PARENT / "cpu.stat"
+        if stat.exists():
+            lab_usec = max(lab_usec, int(stat.read_text().split()[1]))
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return lab_usec / 1e6 + children.ru_utime + children.ru_stime
+
+
+CPU_SECONDS: dict[str, float] = {}
+
+
 def timed(function, *args) -> tuple[float, object]:
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), cpu_seconds()
     value = function(*args)
-    elapsed = time.monotonic() - started
-    print(f"{getattr(function, '__name__', function)}{args}: {elapsed:.1f} s", flush=True)
+    elapsed, cpu = time.monotonic() - started, cpu_seconds() - cpu_started
+    name = f"{getattr(function, '__name__', function)}{args}"
+    CPU_SECONDS[name] = cpu
+    print(f"{name}: {elapsed:.1f} s, {cpu:.0f} CPU s", flush=True)
     return elapsed, value
 
 
@@ -192,6 +216,9 @@ def main() -> int:
     print("\n| step | wall time (s) |\n| --- | ---: |")
     for title, seconds in rows:
         print(f"| {title} | {seconds:.1f} |")
+    print("\n| step | CPU seconds (lab hosts and this script's children) |\n| --- | ---: |")
+    for name, seconds in CPU_SECONDS.items():
+        print(f"| {name} | {seconds:.0f} |")
     if small_total:
         print(f"\nratio fresh deploy 1 + {args.supernodes} / 1 + 2: {large_total / small_total:.2f}")
     print(f"\nrun status: {status}; last round: {json.dumps(result['rounds'][-1])}")

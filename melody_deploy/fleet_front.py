@@ -43,7 +43,7 @@ MAX_BODY_SIZE = "1g"
 READ_TIMEOUT = "300s"
 # Idle connections to the SuperLink that each nginx worker keeps open for reuse.
 UPSTREAM_KEEPALIVE = 16
-# Fleet requests that nginx passes to the SuperLink at once; the template says why.
+# Fleet requests that nginx passes to the SuperLink at once (the template explains why).
 UPSTREAM_MAX_CONNS = 4
 
 

@@ -23,6 +23,21 @@ fi
 # The Compose example's test runs Debian's Docker engine and docker-compose.
 bash scripts/install-docker.sh
 
+# Every lab host opens about 8 inotify instances, all counted against root's
+# fs.inotify.max_user_instances (128 by default), so a lab of more than about
+# 12 hosts needs it raised. Raised only when lower and when this machine lets
+# root change it; `melody_lab up` checks it again before it starts hosts.
+inotify_wanted=512
+inotify_file=/proc/sys/fs/inotify/max_user_instances
+if [ -r "$inotify_file" ] && [ "$(cat "$inotify_file")" -lt "$inotify_wanted" ]; then
+    if [ "$(id -u)" -eq 0 ] && sysctl -q -w fs.inotify.max_user_instances="$inotify_wanted" 2>/dev/null; then
+        echo "setup: raised fs.inotify.max_user_instances to $inotify_wanted for labs of up to 16 SuperNodes"
+    else
+        echo "setup: WARNING: fs.inotify.max_user_instances is $(cat "$inotify_file") and could not be raised;" \
+            "labs of more than about 12 hosts will not start" >&2
+    fi
+fi
+
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $($python --version)"

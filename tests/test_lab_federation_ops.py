@@ -236,7 +236,7 @@ def test_supernode_killed_during_run_restarts(federation):
     if run["status"] == "finished:failed":
         assert run.get("status-details"), f"run {run_id} failed without a reason: {run}"
     else:
-        # The killed process's training reply is lost; the ServerApp gets an error reply in its place and says so.
+        # The killed process's training reply is lost; the ServerApp gets an error reply in its place and logs it.
         assert f"Received error in reply from node {node_id}" in logged, logged[-3000:]
     assert wait_verified().returncode == 0
 
