@@ -96,7 +96,7 @@ def test_nginx_publishes_fleet_routes_only():
     conf = render_nginx_conf(plan)
 
     assert "listen 0.0.0.0:8000 ssl;" in conf
-    assert "proxy_pass https://melody_superlink;" in conf
+    assert "proxy_pass https://$melody_fleet_upstream;" in conf
     assert "server 127.0.0.1:8001 max_conns=4;" in conf
     assert "proxy_ssl_verify on;" in conf
     allowed = re.search(r'location ~ "\^/v1/fleet/\((.*)\)\$"', conf).group(1).split("|")
@@ -112,6 +112,7 @@ def test_nginx_reuses_connections_and_retries_errors():
     assert re.search(r"keepalive \d+;", conf)
     assert 'proxy_set_header Connection "";' in conf
     assert "error_page 500 = @superlink_error;" in conf
+    assert "/v1/fleet/send-node-heartbeat melody_superlink_heartbeat;" in conf
     assert "return 503" in conf
 
 
