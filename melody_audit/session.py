@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -124,7 +125,11 @@ class SessionKeeper:
         )
         self.status.update(state="not registered")
         sd_notify("STOPPING=1")
-        raise SystemExit(EXIT_NOT_REGISTERED)
+        # flwr's Runtime API server runs in a thread that SystemExit does not
+        # stop, so the process ends here. The flower-superexec child exits by
+        # itself when this process is gone (--parent-pid).
+        logging.shutdown()
+        os._exit(EXIT_NOT_REGISTERED)
 
     def activate(self, activate_node, client, request):
         """Call flwr's ActivateNode, reclaiming a stale session and retrying as the module describes."""

@@ -50,7 +50,7 @@ REMOTE_TLS = flwr_cli.ServerTls(
 # SuperNode whose key the SuperLink does not know exits with
 # SUPERNODE_NOT_REGISTERED_STATUS, and the unit does not restart it.
 SUPERLINK_RESTART_SEC = 5
-SUPERNODE_RESTART_SEC = 2
+SUPERNODE_RESTART_SEC = 1
 SUPERNODE_NOT_REGISTERED_STATUS = EXIT_NOT_REGISTERED
 
 

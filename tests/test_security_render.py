@@ -76,7 +76,7 @@ def test_sandbox_options_in_both_units():
 def test_supernode_restarts_fast_except_unregistered():
     lines = service_lines(supernode_unit())
 
-    assert lines["RestartSec"] == ["2"]
+    assert lines["RestartSec"] == ["1"]
     assert lines["RestartPreventExitStatus"] == ["78"]
     assert lines["StartLimitBurst"] == ["5"]
     assert lines["StartLimitIntervalSec"] == ["300"]
