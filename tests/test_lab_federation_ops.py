@@ -212,15 +212,20 @@ def test_supernode_killed_during_run_restarts(federation):
     killed_pid = main_pid(lab, target, SUPERNODE_UNIT)
     node_id = json.loads(on_host(lab, target, "cat /var/lib/melody-supernode/audit/session.json").stdout)["node_id"]
 
-    # The kill time comes from the host's clock, like the journal's times.
-    killed = on_host(lab, target, f"date +%s.%N; kill -KILL {killed_pid}")
-    killed_at, killed_here = float(killed.stdout.split()[0]), time.monotonic()
+    # Kill times from the host's clocks: wall time like the journal's, and
+    # CLOCK_MONOTONIC like systemd's ActiveEnterTimestampMonotonic.
+    killed = on_host(lab, target, "python3 -c 'import time; print(time.time(), time.monotonic())'; "
+                                  f"kill -KILL {killed_pid}")
+    killed_at, killed_monotonic = (float(value) for value in killed.stdout.split()[:2])
+    killed_here = time.monotonic()
     while time.monotonic() - killed_here < 60:
         state = on_host(lab, target, f"systemctl is-active {SUPERNODE_UNIT}").stdout.strip()
         if state == "active" and main_pid(lab, target, SUPERNODE_UNIT) not in ("0", killed_pid):
             break
         time.sleep(0.5)
-    active_after = time.monotonic() - killed_here
+    active_since = on_host(lab, target, "systemctl show --property ActiveEnterTimestampMonotonic --value "
+                                        f"{SUPERNODE_UNIT}").stdout.strip()
+    active_after = int(active_since) / 1e6 - killed_monotonic
     reconnected = journal_times(lab, target, killed_at, "registered with SuperLink")
     run = wait_finished(flwr_home, run_id)
     logged = ANSI_ESCAPE.sub("", flwr(flwr_home, "log", run_id, "lab", "--show").stdout)
