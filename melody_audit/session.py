@@ -194,8 +194,14 @@ def session_lapse_seconds() -> float:
 
 
 def install_activation_hook(keeper: SessionKeeper) -> None:
-    """Route flwr's FleetHttpClient.ActivateNode through `keeper`."""
-    from flwr.supernode.fleet_http_client import FleetHttpClient  # pylint: disable=import-outside-toplevel
+    """Route flwr's FleetHttpClient.ActivateNode through `keeper`, where flwr has that HTTP client."""
+    try:
+        from flwr.supernode.fleet_http_client import FleetHttpClient  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        # NOTE: flwr releases before the HTTP Fleet API (1.27 among them) connect over gRPC;
+        # a SuperNode on those restarts after a crash without reclaiming its session.
+        logger.info("this flwr has no HTTP Fleet client, so a crashed session is not reclaimed")
+        return
 
     original = FleetHttpClient.ActivateNode
 
