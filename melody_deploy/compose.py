@@ -15,6 +15,7 @@ is in the .env file that `up` writes, not in compose.yml.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
 import sys
@@ -94,16 +95,11 @@ def superlink_service(settings: dict) -> Service:
     # In the pyinfra deploy nginx publishes the Fleet API and the SuperLink
     # listens on loopback. Compose has no nginx, so the SuperLink itself
     # serves TLS on its port, on the internal network only.
-    args = flwr_cli.superlink_args(
-        listen_host="0.0.0.0",
-        port=settings["melody_superlink_port"],
-        database=f"{state_dir}/state.db",
-        log_file=f"{log_dir}/superlink.log",
-        log_rotation_hours=settings["melody_log_rotation_hours"],
-        log_backup_count=settings["melody_log_backup_count"],
-        insecure=False,
-        tls=units.REMOTE_TLS,
-    )
+    flags = units.release_flags(settings, None)
+    public = {"--host": "0.0.0.0", "--port": str(settings["melody_superlink_port"])}
+    options = [dataclasses.replace(option, value=public[option.flag]) if option.flag in public else option
+               for option in flwr_cli.superlink_options(settings, flags, units.REMOTE_TLS)]
+    args = flwr_cli.render_args("flower-superlink", flags.version, options, flags.superlink)
     tls_files = ((tls.CA_CERT, units.REMOTE_TLS.ca_certificate), (tls.SERVER_CERT, units.REMOTE_TLS.certificate),
                  (tls.SERVER_KEY, units.REMOTE_TLS.key))
     return Service(
