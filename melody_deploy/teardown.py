@@ -22,6 +22,7 @@ from .settings import SUPERLINK
 from .backup import BACKUP_SERVICE, BACKUP_TIMER
 from .control_access import control_home
 from .fleet_front import remove_fleet_front
+from .upgrade import upgrade_dir
 from .units import REMOTE_TLS_DIR, SUPERLINK_UNIT, SUPERNODE_UNIT, UNIT_DIR
 
 logger = logging.getLogger("pyinfra")
@@ -67,7 +68,9 @@ def remove_service(unit: str) -> None:
 def remove_install(resolved: ResolvedHost) -> None:
     """Delete the venvs, uploaded wheelhouses and helper scripts, and the install folder once it is empty."""
     install_dir = resolved.settings["melody_install_dir"]
-    for folder in (f"{install_dir}/venvs", f"{install_dir}/wheelhouses", f"{install_dir}/bin"):
+    # The upgrade folder contains the unit file saved for a rollback.
+    for folder in (f"{install_dir}/venvs", f"{install_dir}/wheelhouses", f"{install_dir}/bin",
+                   upgrade_dir(resolved.settings)):
         files.directory(name=f"{folder} is absent", path=folder, present=False)
     # Keeps the folder when the operator put anything else in it.
     server.shell(

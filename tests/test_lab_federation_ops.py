@@ -259,7 +259,7 @@ def test_unregistered_key_exits_not_restarted(federation):
         ssh-keygen -q -t ecdsa -b 256 -N '' -f "$folder/key"
         mkdir "$folder/audit"
         chown -R melody:melody "$folder"
-        venv=$(ls -d /opt/melody/venvs/*/ | head -1)
+        venv=$(grep -o '/opt/melody/venvs/[^/ ]*' /etc/systemd/system/melody-supernode.service | head -1)
         timeout 90 runuser -u melody -- env FLWR_HOME="$folder" FLWR_TELEMETRY_ENABLED=0 \\
             FLWR_DISABLE_UPDATE_CHECK=1 PATH="$venv/bin:/usr/bin:/bin" MELODY_AUDIT_DIR="$folder/audit" \\
             "$venv/bin/python" -m melody_audit.supernode \\

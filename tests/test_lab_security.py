@@ -101,7 +101,7 @@ def test_unregistered_supernode_rejected(secured):
         folder=$(mktemp -d)
         ssh-keygen -q -t ecdsa -b 256 -N '' -f "$folder/key"
         chown -R melody:melody "$folder"
-        venv=$(ls -d /opt/melody/venvs/*/ | head -1)
+        venv=$(grep -o '/opt/melody/venvs/[^/ ]*' /etc/systemd/system/melody-supernode.service | head -1)
         timeout 90 runuser -u melody -- env FLWR_HOME="$folder" FLWR_TELEMETRY_ENABLED=0 \\
             FLWR_DISABLE_UPDATE_CHECK=1 PATH="$venv/bin:/usr/bin:/bin" flower-supernode \\
             --superlink superlink:8000 --root-certificates /etc/melody/tls/ca.pem \\
@@ -177,7 +177,7 @@ def test_flwr_cli_from_supernode_fails(secured):
         folder=$(mktemp -d)
         printf '[superlink.tre]\\naddress = "superlink:8000"\\nroot-certificates = "/etc/melody/tls/ca.pem"\\n' \\
             > "$folder/config.toml"
-        venv=$(ls -d /opt/melody/venvs/*/ | head -1)
+        venv=$(grep -o '/opt/melody/venvs/[^/ ]*' /etc/systemd/system/melody-supernode.service | head -1)
         cd "$folder" && FLWR_HOME="$folder" FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 \\
             timeout 60 "$venv/bin/flwr" ls tre --format json 2>&1
         code=$?
