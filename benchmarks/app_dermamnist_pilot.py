@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/app_dermamnist_pilot.py NAME fed|central [key=value ...]
 
 It trains on the same shards as benchmarks/app_dermamnist.py with the app's
-own task code (task.train, task.evaluate), but aggregates the sites in a
-plain loop instead of the ServerApp and ClientApps, and evaluates only every
+own task code (task.train, task.evaluate). It aggregates the sites in a
+plain loop instead of the ServerApp and ClientApps. It evaluates only every
 `eval-every` rounds and after the last one. The last evaluation also scores
 the pooled log prior scaled by 1, 0.75, 0.5 and 0 (0: no prior), to show how
 the evaluation prior trades accuracy against balanced accuracy. With the

@@ -13,7 +13,7 @@ The launcher wraps ActivateNode so that, on that 412, it:
   that this host's key had last time (kept in `session.json` beside the
   egress record), signed with the same key by flwr's own client;
 - keeps the node offline for OFFLINE_HOLD_SECONDS, so that a ServerApp that
-  waits for the killed process's reply sees the node offline and gets an
+  waits for the killed process's reply finds the node offline and gets an
   error reply instead of waiting for its round timeout;
 - then activates again, and retries with logged backoff while the SuperLink
   returns 412 or 500, up to the heartbeat lapse;
@@ -46,8 +46,8 @@ EXIT_NOT_REGISTERED = 78
 # and activating again. One poll of the ServerApp must see the node offline to
 # turn the lost instruction into an error reply. flwr 1.42's ServerApp polls
 # every 3 s plus the request's own time (HttpGrid.send_and_receive).
-# NOTE: 3.5 s assumes a poll request of at most 0.5 s; a slower poll can
-# miss the offline node, and the round then waits for its timeout.
+# NOTE: 3.5 s assumes a poll request of at most 0.5 s. A slower poll can
+# miss the offline node, so the round then waits for its timeout.
 OFFLINE_HOLD_SECONDS = 3.5
 # Maximum wait between two activation attempts.
 MAX_RETRY_DELAY_SECONDS = 10.0

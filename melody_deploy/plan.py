@@ -128,7 +128,7 @@ def prepare(role: str) -> HostPlan | None:
 def release_flags(resolved: ResolvedHost, built: wheelhouses.Wheelhouse) -> FlwrFlags:
     """Read the flags of the pinned flwr from the wheelhouse, and check every requested option.
 
-    Raises PreflightError, before any host changes, when a setting asks for a
+    Raises PreflightError, before any host changes, when a setting requests a
     flag that the release does not accept.
     """
     settings = resolved.settings

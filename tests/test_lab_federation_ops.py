@@ -23,6 +23,7 @@ from melody_lab import power, ssh
 from melody_lab.control_tunnel import control_tunnel, free_local_port
 from melody_lab.demo import parse_run_id, researcher_env
 from melody_audit.session import EXIT_NOT_REGISTERED
+from lab_scripts import unregistered_supernode
 
 pytestmark = pytest.mark.lab
 
@@ -242,8 +243,8 @@ def test_supernode_killed_during_run_restarts(federation):
         assert run.get("status-details"), f"run {run_id} failed without a reason: {run}"
     else:
         # The round that lost the killed process's work still ended: the ServerApp aggregated it.
-        # NOTE: on the lab the log did not show an error reply for the killed node's lost
-        # instruction; which replies that round counted is not checked here.
+        # NOTE: on the lab the log showed no error reply for the killed node's lost instruction.
+        # Which replies that round counted is not checked here.
         assert "aggregate_train: Received" in logged, logged[-3000:]
         assert "aggregate_evaluate: Received" in logged, logged[-3000:]
     assert wait_verified().returncode == 0
@@ -253,23 +254,7 @@ def test_unregistered_key_exits_not_restarted(federation):
     lab, _ = federation
     name = lab.supernodes[-1].name
     # The launcher with the right CA and a fresh key that was never registered.
-    attempt = on_host(lab, name, textwrap.dedent("""\
-        set -u
-        folder=$(mktemp -d)
-        ssh-keygen -q -t ecdsa -b 256 -N '' -f "$folder/key"
-        mkdir "$folder/audit"
-        chown -R melody:melody "$folder"
-        venv=$(grep -o '/opt/melody/venvs/[^/ ]*' /etc/systemd/system/melody-supernode.service | head -1)
-        timeout 90 runuser -u melody -- env FLWR_HOME="$folder" FLWR_TELEMETRY_ENABLED=0 \\
-            FLWR_DISABLE_UPDATE_CHECK=1 PATH="$venv/bin:/usr/bin:/bin" MELODY_AUDIT_DIR="$folder/audit" \\
-            "$venv/bin/python" -m melody_audit.supernode \\
-            --superlink superlink:8000 --root-certificates /etc/melody/tls/ca.pem \\
-            --auth-supernode-private-key "$folder/key" --host 127.0.0.1 --port 9199 \\
-            --isolation subprocess 2>&1
-        code=$?
-        rm -rf "$folder"
-        exit $code
-    """))
+    attempt = on_host(lab, name, unregistered_supernode('"$venv/bin/python" -m melody_audit.supernode', audit=True))
     unit = on_host(lab, name, f"systemctl show --property RestartPreventExitStatus --value {SUPERNODE_UNIT}")
 
     assert attempt.returncode == EXIT_NOT_REGISTERED, attempt.stdout[-3000:]

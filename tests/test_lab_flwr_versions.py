@@ -5,7 +5,7 @@ the federation down with its state, because a SuperLink database written by
 1.42 cannot go back to 1.27. Then they deploy flwr 1.27.0 with the MELODY
 README's listeners and run melody_app, upgrade to the lab's own inventory
 (1.42.0) and run again. Last, an upgrade to a deliberately broken flwr
-1.42.1 must roll back. The lab ends deployed as inventories/lab.py says, as
+1.42.1 must roll back. The lab ends deployed as inventories/lab.py defines it, as
 the other lab tests expect.
 """
 
@@ -64,15 +64,20 @@ def unit_venv(lab, name: str, unit: str) -> str:
     return exec_start.removeprefix("ExecStart=").split()[0].rsplit("/bin/", 1)[0]
 
 
+def configure_researcher(inventory: Path, flwr_home: Path, port: int) -> None:
+    """Write the researcher's Flower connection "lab" through the tunnel on local `port`."""
+    configured = subprocess.run(
+        [str(BIN / "python"), "-m", "melody_deploy.researcher", str(inventory), "--connection", "lab",
+         "--tunnel-port", str(port)],
+        cwd=REPO, env=researcher_env(flwr_home), capture_output=True, text=True,
+    )
+    assert configured.returncode == 0, configured.stderr
+
+
 def run_app(flwr: Path, inventory: Path, flwr_home: Path) -> tuple[str, list[dict]]:
     """Submit melody_app for 2 short rounds through the researcher's tunnel; return its run id and all runs."""
     with control_tunnel(inventory=inventory) as port:
-        configured = subprocess.run(
-            [str(BIN / "python"), "-m", "melody_deploy.researcher", str(inventory), "--connection", "lab",
-             "--tunnel-port", str(port)],
-            cwd=REPO, env=researcher_env(flwr_home), capture_output=True, text=True,
-        )
-        assert configured.returncode == 0, configured.stderr
+        configure_researcher(inventory, flwr_home, port)
         run = subprocess.run([str(flwr), "run", "melody_app", "lab", "--stream", "--run-config", RUN_CONFIG],
                              cwd=REPO, env=researcher_env(flwr_home), capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
@@ -218,10 +223,5 @@ def list_runs_through_tunnel(versions) -> list[dict]:
     flwr_home = versions["folder"] / "flwr-home-142"
     inventory = REPO / "inventories" / "lab.py"
     with control_tunnel(inventory=inventory) as port:
-        configured = subprocess.run(
-            [str(BIN / "python"), "-m", "melody_deploy.researcher", str(inventory), "--connection", "lab",
-             "--tunnel-port", str(port)],
-            cwd=REPO, env=researcher_env(flwr_home), capture_output=True, text=True,
-        )
-        assert configured.returncode == 0, configured.stderr
+        configure_researcher(inventory, flwr_home, port)
         return list_runs(BIN / "flwr", flwr_home)

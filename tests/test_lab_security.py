@@ -21,6 +21,7 @@ from cryptography import x509
 
 from melody_deploy import tls
 from melody_lab.control_tunnel import control_tunnel, researcher_key
+from lab_scripts import unregistered_supernode
 from test_lab_deploy import (
     REPO, SUPERLINK_UNIT, SUPERNODE_UNIT, assert_deployed, main_pids, on_host, output_of, pyinfra,
     run_flwr, write_inventory,
@@ -96,21 +97,7 @@ def test_unregistered_supernode_rejected(secured):
     lab, _ = secured
     name = lab.supernodes[-1].name
     # A SuperNode with the right CA and a fresh key that was never registered.
-    attempt = on_host(lab, name, textwrap.dedent("""\
-        set -u
-        folder=$(mktemp -d)
-        ssh-keygen -q -t ecdsa -b 256 -N '' -f "$folder/key"
-        chown -R melody:melody "$folder"
-        venv=$(grep -o '/opt/melody/venvs/[^/ ]*' /etc/systemd/system/melody-supernode.service | head -1)
-        timeout 90 runuser -u melody -- env FLWR_HOME="$folder" FLWR_TELEMETRY_ENABLED=0 \\
-            FLWR_DISABLE_UPDATE_CHECK=1 PATH="$venv/bin:/usr/bin:/bin" flower-supernode \\
-            --superlink superlink:8000 --root-certificates /etc/melody/tls/ca.pem \\
-            --auth-supernode-private-key "$folder/key" --host 127.0.0.1 --port 9199 \\
-            --isolation subprocess 2>&1
-        code=$?
-        rm -rf "$folder"
-        exit $code
-    """))
+    attempt = on_host(lab, name, unregistered_supernode("flower-supernode"))
 
     assert attempt.returncode not in (0, 124), attempt.stdout[-3000:]
     assert "Failed to activate SuperNode" in attempt.stdout
