@@ -151,18 +151,41 @@ def run_central(site_dirs: list[Path], settings: task.RunSettings, out: Path) ->
             batch_size=settings.batch_size, class_weight=weights, device=device,
             seed=settings.seed + server_round, train_log_prior=prior,
             optimizer_name=settings.local_optimizer)
-        result = task.evaluate(model, test_set, num_classes=len(settings.labels),
-                               batch_size=256, device=device,
-                               test_time_augmentation=settings.test_time_augmentation,
-                               eval_log_prior=prior)
-        rounds.append({"round": server_round, "train_loss": trained.loss,
-                       "accuracy": result.accuracy, "balanced_accuracy": result.balanced_accuracy,
-                       "macro_auc": result.macro_auc, "round_seconds":
-                       round(time.perf_counter() - started, 2),
-                       "images_per_second": round(trained.images_per_second, 1)})
-        log.info("central round %d: %s", server_round, json.dumps(rounds[-1]))
+        rounds.append(central_round(model, test_set, settings, prior, server_round, trained,
+                                    started, device))
+    # The same head rounds as the federation: the final layer alone, on frozen features.
+    for server_round in range(settings.num_rounds + 1, task.total_rounds(settings) + 1):
+        started = time.perf_counter()
+        trained = task.train_head(
+            model, train_set, epochs=settings.local_epochs,
+            learning_rate=task.head_learning_rate(settings, server_round),
+            batch_size=settings.batch_size,
+            class_weight=weights, device=device, seed=settings.seed + server_round,
+            train_log_prior=prior)
+        rounds.append(central_round(model, test_set, settings, prior, server_round, trained,
+                                    started, device))
+    # Saved like the federation's model.pt, to compare the two models after the run.
+    torch.save({"state_dict": model.state_dict(), "labels": list(settings.labels),
+                "settings": settings.as_dict()}, out / "central-model.pt")
     return {"device": task.device_name(device), "train_examples": len(train_set),
             "test_examples": len(test_set), "rounds": rounds}
+
+
+def central_round(model: torch.nn.Module, test_set: sitedata.ImageSet,
+                  settings: task.RunSettings, prior: torch.Tensor | None, server_round: int,
+                  trained: task.TrainResult, started: float, device: torch.device) -> dict:
+    """Evaluate the central model after one round and log the round's figures."""
+    result = task.evaluate(model, test_set, num_classes=len(settings.labels),
+                           batch_size=256, device=device,
+                           test_time_augmentation=settings.test_time_augmentation,
+                           eval_log_prior=prior)
+    entry = {"round": server_round, "head_round": task.is_head_round(settings, server_round),
+             "train_loss": trained.loss, "accuracy": result.accuracy,
+             "balanced_accuracy": result.balanced_accuracy, "macro_auc": result.macro_auc,
+             "round_seconds": round(time.perf_counter() - started, 2),
+             "images_per_second": round(trained.images_per_second, 1)}
+    log.info("central round %d: %s", server_round, json.dumps(entry))
+    return entry
 
 
 def report(federated: dict, central: dict | None) -> dict:
@@ -173,20 +196,27 @@ def report(federated: dict, central: dict | None) -> dict:
             "macro_auc": last["macro_auc"] >= TARGET_AUC,
             "accuracy": last["accuracy"] >= TARGET_ACCURACY,
         },
-        "mean_round_seconds": float(np.mean([entry["round_seconds"]
-                                             for entry in federated["rounds"]])),
         "per_site": {},
         "model_parameter_bytes": federated["model_parameter_bytes"],
     }
-    for entry in federated["rounds"]:
-        for site in entry["sites"]:
-            summary["per_site"].setdefault(site["site"], []).append(site)
-    summary["per_site"] = {
-        name: {"device": items[-1]["device"], "train_examples": items[-1]["train_examples"],
-               "mean_images_per_second": float(np.mean([i["images_per_second"] for i in items])),
-               "sent_array_bytes_per_round": items[-1]["sent_array_bytes"]}
-        for name, items in summary["per_site"].items()
-    }
+    # Head rounds skip the backward pass through most of the model, so their
+    # times and rates are reported apart from those of the training rounds.
+    for kind, head in (("training", False), ("head", True)):
+        chosen = [entry for entry in federated["rounds"] if entry.get("head_round", False) == head]
+        if not chosen:
+            continue
+        summary[f"mean_{kind}_round_seconds"] = float(np.mean([entry["round_seconds"]
+                                                             for entry in chosen]))
+        sites: dict[str, list[dict]] = {}
+        for entry in chosen:
+            for site in entry["sites"]:
+                sites.setdefault(site["site"], []).append(site)
+        for name, items in sites.items():
+            summary["per_site"].setdefault(name, {}).update({
+                "device": items[-1]["device"], "train_examples": items[-1]["train_examples"],
+                f"mean_{kind}_images_per_second": float(np.mean(
+                    [item["images_per_second"] for item in items])),
+                "sent_array_bytes_per_round": items[-1]["sent_array_bytes"]})
     if central:
         end = central["rounds"][-1]
         summary["central"] = {key: end[key] for key in

@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/app_dermamnist_pilot.py NAME fed|central [key=value ...]
 
 It trains on the same shards as benchmarks/app_dermamnist.py with the app's
-own task code (task.train, task.evaluate). It aggregates the sites in a
-plain loop instead of the ServerApp and ClientApps. It evaluates only every
-`eval-every` rounds and after the last one. The last evaluation also scores
+own task code (task.train, task.train_head in head rounds, task.evaluate).
+It aggregates the sites in a plain loop instead of the ServerApp and
+ClientApps. It evaluates only every `eval-every` rounds and after the last one. The last evaluation also scores
 the pooled log prior scaled by 1, 0.75, 0.5 and 0 (0: no prior), to show how
 the evaluation prior trades accuracy against balanced accuracy. With the
 defaults its central side gives the benchmark's central figures.
@@ -130,7 +130,37 @@ def main() -> int:
             model.load_state_dict(new)
 
         entry = {"round": server_round, "seconds": round(time.time() - started)}
-        last = server_round == settings.num_rounds
+        last = server_round == task.total_rounds(settings)
+        if last or (eval_every and server_round % eval_every == 0):
+            entry["eval"] = evaluate(model, last)
+        print(name, side, json.dumps(entry), flush=True)
+
+    # Head rounds: the final layer alone; the sites' layers are averaged without a server step.
+    for server_round in range(settings.num_rounds + 1, task.total_rounds(settings) + 1):
+        options = dict(epochs=settings.local_epochs, batch_size=settings.batch_size,
+                       learning_rate=task.head_learning_rate(settings, server_round),
+                       device=device, seed=settings.seed + server_round)
+        if side == "central":
+            task.train_head(model, union, class_weight=task.class_weights(
+                pooled, settings.class_weight_power), train_log_prior=task.log_prior(pooled)
+                if settings.prior_correction else None, **options)
+        else:
+            heads = []
+            for train, site_counts in zip(trains, counts):
+                local = task.build_model(settings)
+                local.load_state_dict(model.state_dict())
+                task.train_head(local, train, class_weight=task.class_weights(
+                    site_counts, settings.class_weight_power),
+                    train_log_prior=task.log_prior(site_counts)
+                    if settings.prior_correction else None, **options)
+                heads.append(local.head.state_dict())
+            weights = np.array([len(train) for train in trains], dtype=np.float64)
+            model.head.load_state_dict({
+                key: sum(float(weight) * head[key] for weight, head in zip(weights, heads))
+                / weights.sum() for key in heads[0]})
+
+        entry = {"round": server_round, "seconds": round(time.time() - started)}
+        last = server_round == task.total_rounds(settings)
         if last or (eval_every and server_round % eval_every == 0):
             entry["eval"] = evaluate(model, last)
         print(name, side, json.dumps(entry), flush=True)

@@ -1,6 +1,6 @@
 """Run the main job on the lab, end to end, and print the results.
 
-    .venv/bin/python -m melody_lab.demo [--supernodes 2] [--rounds 3]
+    .venv/bin/python -m melody_lab.demo [--supernodes 2] [--rounds 3] [--head-rounds 2]
 
 Brings the lab up (or reuses it), deploys the SuperLink and the SuperNodes
 with pyinfra, opens the researcher's SSH tunnel to the Control API, writes
@@ -84,9 +84,12 @@ def parse_result(output: str) -> dict:
 def print_rounds(result: dict) -> None:
     print("\nround  train loss  eval loss  accuracy  balanced accuracy  examples")
     for entry in result["rounds"]:
+        # Head rounds retrain only the final layer: mark them so the curve reads right.
+        mark = " (head)" if entry.get("head_round") else ""
         print(
             f"{entry['round']:>5}  {entry['train_loss']:>10.4f}  {entry['eval_loss']:>9.4f}"
-            f"  {entry['accuracy']:>8.4f}  {entry['balanced_accuracy']:>17.4f}  {entry['num_examples']:>8}"
+            f"  {entry['accuracy']:>8.4f}  {entry['balanced_accuracy']:>17.4f}"
+            f"  {entry['num_examples']:>8}{mark}"
         )
 
 
@@ -94,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the MELODY main job on the lab.")
     parser.add_argument("--supernodes", type=int, default=2, help="number of SuperNode hosts (default 2)")
     parser.add_argument("--rounds", type=int, default=3, help="federated rounds to train (default 3)")
+    parser.add_argument("--head-rounds", type=int, default=2,
+                        help="rounds after those that retrain only the final layer (default 2)")
     args = parser.parse_args(argv)
 
     python = str(BIN / "python")
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             output = run_step(
                 "federated run",
                 [flwr, "run", "melody_app", "lab", "--stream",
-                 "--run-config", f"num-server-rounds={args.rounds}"],
+                 "--run-config", f"num-server-rounds={args.rounds} head-rounds={args.head_rounds}"],
                 env=env, capture=True,
             )
             run_id = parse_run_id(output)

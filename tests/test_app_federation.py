@@ -32,6 +32,8 @@ TRAIN_PER_SITE = 600
 TEST_PER_SITE = 100
 RUN_TIMEOUT_S = 400
 ROUNDS = 4
+# Rounds after ROUNDS in which the sites retrain only the final layer.
+HEAD_ROUNDS = 2
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 pytestmark = pytest.mark.skipif(
@@ -271,9 +273,9 @@ def test_short_run_improves_and_saves_artefacts(federation: Federation) -> None:
     started = time.monotonic()
     run = federation.flwr(
         "run", str(APP_DIR), CONNECTION, "--stream", "--run-config",
-        f"num-server-rounds={ROUNDS} local-epochs=2 cpu-threads=1",
+        f"num-server-rounds={ROUNDS} head-rounds={HEAD_ROUNDS} local-epochs=2 cpu-threads=1",
     )
-    print(f"flwr run of {ROUNDS} rounds took {time.monotonic() - started:.1f} s")
+    print(f"flwr run of {ROUNDS} + {HEAD_ROUNDS} rounds took {time.monotonic() - started:.1f} s")
     assert run.returncode == 0
 
     run_id = submitted_run_id(run.stdout)
@@ -288,7 +290,8 @@ def test_short_run_improves_and_saves_artefacts(federation: Federation) -> None:
     assert parse_result(logged.stdout) == result
 
     rounds = result["rounds"]
-    assert [entry["round"] for entry in rounds] == list(range(1, ROUNDS + 1))
+    assert [entry["round"] for entry in rounds] == list(range(1, ROUNDS + HEAD_ROUNDS + 1))
+    assert [entry["head_round"] for entry in rounds] == [False] * ROUNDS + [True] * HEAD_ROUNDS
     for entry in rounds:
         for key in ("train_loss", "eval_loss", "accuracy", "balanced_accuracy", "macro_auc"):
             assert isinstance(entry[key], float), f"round {entry['round']} {key}={entry[key]!r}"
@@ -317,6 +320,7 @@ def test_short_run_improves_and_saves_artefacts(federation: Federation) -> None:
         assert re.search(pattern, run_log), f"no line matches {pattern!r}"
         assert f"Site partition-id={partition_id} data: layout manifest; train: " \
             f"{TRAIN_PER_SITE} used, 0 skipped" in run_log
+    assert f"Rounds {ROUNDS + 1} to {ROUNDS + HEAD_ROUNDS} are head rounds" in run_log
 
     # The ServerApp saved its artefacts under its working directory and reported the folder.
     folder = federation.root / "melody-runs" / f"run-{run_id}"

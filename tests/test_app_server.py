@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 from PIL import Image
 
 APP_DIR = Path(__file__).resolve().parents[1] / "melody_app"
@@ -33,8 +34,14 @@ def evaluate_reply(loss: float, confusion: list[list[int]], scores: np.ndarray,
     return RecordDict({"metrics": values, "site": ConfigRecord({"site": "a", "device": "cpu"})})
 
 
-def train_reply(loss: float, num_examples: int) -> RecordDict:
-    values = MetricRecord({"train-loss": loss, "num-examples": num_examples, "server-round": 1,
+def default_config() -> dict:
+    with (APP_DIR / "pyproject.toml").open("rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+
+
+def train_reply(loss: float, num_examples: int, server_round: int = 1) -> RecordDict:
+    values = MetricRecord({"train-loss": loss, "num-examples": num_examples,
+                           "server-round": server_round,
                            "train-seconds": 2.0, "images-per-second": num_examples / 2.0,
                            "class-counts": [num_examples, 0]})
     arrays = ArrayRecord({"weight": torch.zeros(10, dtype=torch.float32)})
@@ -151,3 +158,56 @@ def test_pooled_batch_norm_variance_by_hand() -> None:
     assert pooled["bn.running_var"].numpy().tolist() == pytest.approx([4.0])
     assert pooled["bn.running_mean"].numpy().tolist() == pytest.approx([1.0])
     assert pooled["weight"].numpy().tolist() == pytest.approx([1.0])
+
+
+def test_head_round_gets_the_plain_average(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Flower stamps each new message with the identity of the task that makes it.
+    for name in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    config = default_config()
+    config.update({"num-server-rounds": 1, "head-rounds": 1, "labels": ",".join(LABELS)})
+    settings = task.read_settings(config)
+    tracker = server_app.RoundTracker(LABELS)
+    step = server_app.ServerStep(learning_rate=1.0, momentum=0.5)
+    strategy = server_app.with_class_counts(server_app.FedAvg, tracker, settings, step)(
+        train_metrics_aggr_fn=tracker.aggregate_train)
+
+    def replies(server_round: int, weights: list[float]) -> list[Message]:
+        request = Message(RecordDict(), dst_node_id=1, message_type="train")
+        messages = []
+        for weight in weights:
+            content = train_reply(1.0, 10, server_round)
+            content["arrays"] = ArrayRecord({"weight": torch.tensor([weight])})
+            messages.append(Message(content, reply_to=request))
+        return messages
+
+    # Training round 1 from 1.0 to the average 0.8: the momentum is still empty.
+    strategy.previous = ArrayRecord({"weight": torch.tensor([1.0])})
+    first, _ = strategy.aggregate_train(1, replies(1, [0.7, 0.9]))
+    assert first["weight"].numpy().tolist() == pytest.approx([0.8])
+
+    # Head round 2 from 0.8 to the average 0.6: a momentum step would give 0.5.
+    strategy.previous = first
+    second, _ = strategy.aggregate_train(2, replies(2, [0.5, 0.7]))
+    assert second["weight"].numpy().tolist() == pytest.approx([0.6])
+
+
+def test_fednova_average_by_hand() -> None:
+    def content(weight: float, variance: float, examples: int, steps: int) -> RecordDict:
+        arrays = ArrayRecord({"weight": torch.tensor([weight]),
+                              "bn.running_var": torch.tensor([variance])})
+        return RecordDict({"arrays": arrays, "metrics": MetricRecord(
+            {"num-examples": examples, "local-steps": steps})})
+
+    previous = ArrayRecord({"weight": torch.tensor([1.0]), "bn.running_var": torch.tensor([1.0])})
+    # Site A: 3 images, 6 steps, weight 1.0 to 0.4; site B: 1 image, 2 steps, 1.0 to 0.6.
+    contents = [content(0.4, 2.0, 3, 6), content(0.6, 4.0, 1, 2)]
+    averaged = ArrayRecord({"weight": torch.tensor([0.45]),
+                            "bn.running_var": torch.tensor([2.5])})
+
+    normalised = server_app.normalise_by_local_steps(contents, previous, averaged, "num-examples")
+
+    # Per step: A 0.1, B 0.2; averaged 0.75 * 0.1 + 0.25 * 0.2 = 0.125, times the
+    # weighted mean of 5 steps: 1.0 - 0.625.
+    assert normalised["weight"].numpy().tolist() == pytest.approx([0.375])
+    assert normalised["bn.running_var"].numpy().tolist() == pytest.approx([2.5])

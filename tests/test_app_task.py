@@ -54,14 +54,14 @@ def test_defaults_read() -> None:
     settings = task.read_settings(default_config())
 
     assert settings.labels == ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
-    assert settings.strategy == "fedavg"
+    assert settings.strategy == "fednova"
     assert settings.data.group_column == "lesion_id"
     assert settings.as_dict()["data"]["manifest_file"] == "labels.csv"
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), [
     ("num-server-rounds", 0, "1 or more"),
-    ("strategy", "fedsgd", "fedavg or fedprox"),
+    ("strategy", "fedsgd", "fedavg or fedprox or fednova"),
     ("proximal-mu", -0.1, "0 or more"),
     ("image-size", 4, "between 8 and 224"),
     ("class-weight-power", 2.0, "between 0 (no weighting) and 1 (balanced)"),
@@ -72,6 +72,8 @@ def test_defaults_read() -> None:
     ("server-learning-rate", 0.0, "greater than 0"),
     ("local-optimizer", "adam", "adamw or sgd"),
     ("batch-norm-statistics", "median", "average or pooled"),
+    ("head-rounds", -1, "0 (none) or more"),
+    ("head-learning-rate", 0.0, "greater than 0"),
 ])
 def test_bad_setting_names_key_value_and_fix(key: str, value: object, expected: str) -> None:
     config = default_config()
@@ -182,6 +184,38 @@ def test_fedprox_keeps_weights_closer(dermamnist: sitedata.SiteData) -> None:
                             zip(model.parameters(), start.parameters()))
 
     assert distances[1.0] < distances[0.0]
+
+
+def test_head_rounds_follow_the_training_rounds() -> None:
+    config = default_config()
+    config.update({"num-server-rounds": 3, "head-rounds": 2})
+    settings = task.read_settings(config)
+
+    assert task.total_rounds(settings) == 5
+    assert [task.is_head_round(settings, number) for number in range(1, 6)] == [
+        False, False, False, True, True]
+
+
+def test_train_head_changes_only_the_final_layer(dermamnist: sitedata.SiteData) -> None:
+    train_set = dermamnist.splits["train"]
+    counts = task.count_labels(train_set, 7)
+    torch.manual_seed(0)
+    model = task.Net(7, width=8)
+    task.train(model, train_set, epochs=1, learning_rate=0.003, batch_size=64,
+               class_weight=task.class_weights(counts, 0.0), device=CPU, seed=1)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+    first = task.train_head(model, train_set, epochs=1, learning_rate=0.01, batch_size=64,
+                            class_weight=task.class_weights(counts, 0.0), device=CPU, seed=2,
+                            train_log_prior=task.log_prior(counts))
+    later = task.train_head(model, train_set, epochs=3, learning_rate=0.01, batch_size=64,
+                            class_weight=task.class_weights(counts, 0.0), device=CPU, seed=3,
+                            train_log_prior=task.log_prior(counts))
+
+    changed = sorted(name for name, tensor in model.state_dict().items()
+                     if not torch.equal(tensor, before[name]))
+    assert changed == ["classifier.2.bias", "classifier.2.weight"]
+    assert later.loss < first.loss
 
 
 def test_evaluate_counts_every_image(dermamnist: sitedata.SiteData) -> None:

@@ -205,7 +205,8 @@ def test_services_run_unprivileged_on_an_internal_network(stack):
 def test_melody_app_completes_two_rounds(stack):
     started = time.monotonic()
     run = stack.flwr("run", compose.CONTAINER_APP_DIR, CONNECTION, "--stream", "--run-config",
-                     f"num-server-rounds={ROUNDS} local-epochs=1 cpu-threads=1 test-time-augmentation=false",
+                     f"num-server-rounds={ROUNDS} head-rounds=0 local-epochs=1 cpu-threads=1 "
+                     "test-time-augmentation=false",
                      timeout=400)
     print(f"flwr run of {ROUNDS} rounds took {time.monotonic() - started:.1f} s")
     output = ANSI_ESCAPE.sub("", run.stdout + run.stderr)

@@ -64,7 +64,8 @@ def audited_run(lab, tmp_path_factory):
             cwd=REPO, env=env, capture_output=True, text=True,
         )
         assert configured.returncode == 0, configured.stderr
-        run = run_flwr(["run", "melody_app", "lab", "--stream", "--run-config", "num-server-rounds=1"],
+        run = run_flwr(["run", "melody_app", "lab", "--stream", "--run-config",
+                        "num-server-rounds=1 head-rounds=0"],
                        flwr_home, timeout=900)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     return lab, parse_run_id(run.stdout)

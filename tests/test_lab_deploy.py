@@ -207,9 +207,10 @@ def test_federated_run_completes(deployed, tmp_path):
         assert f'address = "127.0.0.1:{tunnel_port}"' in config
         assert f'root-certificates = "{flwr_home / "lab-ca.pem"}"' in config
 
-        # One epoch and one thread per site keep this run short on the shared 2-core machine.
+        # One epoch and one thread per site keep this run short on the shared 2-core
+        # machine; one head round checks that phase through the real deployment.
         run = run_flwr(["run", "melody_app", "lab", "--stream", "--run-config",
-                        "num-server-rounds=2 local-epochs=1 cpu-threads=1"],
+                        "num-server-rounds=2 head-rounds=1 local-epochs=1 cpu-threads=1"],
                        flwr_home, timeout=900)
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
         run_id = parse_run_id(run.stdout)
@@ -220,7 +221,8 @@ def test_federated_run_completes(deployed, tmp_path):
     assert runs[0]["status"] == "finished:completed", runs[0]
 
     result = parse_result(run.stdout)
-    assert [entry["round"] for entry in result["rounds"]] == [1, 2]
+    assert [entry["round"] for entry in result["rounds"]] == [1, 2, 3]
+    assert [entry["head_round"] for entry in result["rounds"]] == [False, False, True]
     for entry in result["rounds"]:
         assert entry["train_loss"] > 0
         assert 0.0 <= entry["balanced_accuracy"] <= 1.0

@@ -102,7 +102,8 @@ def flwr(flwr_home: Path, *args: str, timeout: int = 120) -> subprocess.Complete
 
 def start_run(flwr_home: Path, rounds: int) -> str:
     """Submit the app without streaming its log and return the run id."""
-    started = flwr(flwr_home, "run", "melody_app", "lab", "--run-config", f"num-server-rounds={rounds}")
+    started = flwr(flwr_home, "run", "melody_app", "lab", "--run-config",
+                   f"num-server-rounds={rounds} head-rounds=0")
     assert started.returncode == 0, started.stdout + started.stderr
     return parse_run_id(started.stdout)
 

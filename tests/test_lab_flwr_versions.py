@@ -48,7 +48,7 @@ README_127 = """\
                  for name, data in superlink]
     supernodes = [(name, {**data, **release, "melody_supernode_port": 9095}) for name, data in supernodes]
 """
-RUN_CONFIG = "num-server-rounds=2 local-epochs=1 cpu-threads=1"
+RUN_CONFIG = "num-server-rounds=2 head-rounds=0 local-epochs=1 cpu-threads=1"
 
 
 def deploy_both(inventory, description: str) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:

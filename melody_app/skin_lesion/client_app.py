@@ -63,22 +63,36 @@ def train(msg: Message, context: Context) -> Message:
 
     model = task.build_model(settings)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    result = task.train(
-        model,
-        train_set,
-        epochs=settings.local_epochs,
-        learning_rate=task.round_learning_rate(
-            settings.learning_rate, server_round, settings.num_rounds
-        ),
-        batch_size=settings.batch_size,
-        class_weight=task.class_weights(class_counts, settings.class_weight_power),
-        device=device,
-        # Vary shuffling and augmentation between rounds while keeping runs repeatable.
-        seed=settings.seed + server_round,
-        proximal_mu=proximal_mu,
-        train_log_prior=task.log_prior(class_counts) if settings.prior_correction else None,
-        optimizer_name=settings.local_optimizer,
-    )
+    class_weight = task.class_weights(class_counts, settings.class_weight_power)
+    train_log_prior = task.log_prior(class_counts) if settings.prior_correction else None
+    # Vary shuffling and augmentation between rounds while keeping runs repeatable.
+    seed = settings.seed + server_round
+    if task.is_head_round(settings, server_round):
+        log(INFO, "Site %s, round %d: head round %d of %d, retraining the final layer only",
+            site, server_round, server_round - settings.num_rounds, settings.head_rounds)
+        result = task.train_head(
+            model, train_set, epochs=settings.local_epochs,
+            learning_rate=task.head_learning_rate(settings, server_round),
+            batch_size=settings.batch_size,
+            class_weight=class_weight, device=device, seed=seed,
+            train_log_prior=train_log_prior,
+        )
+    else:
+        result = task.train(
+            model,
+            train_set,
+            epochs=settings.local_epochs,
+            learning_rate=task.round_learning_rate(
+                settings.learning_rate, server_round, settings.num_rounds
+            ),
+            batch_size=settings.batch_size,
+            class_weight=class_weight,
+            device=device,
+            seed=seed,
+            proximal_mu=proximal_mu,
+            train_log_prior=train_log_prior,
+            optimizer_name=settings.local_optimizer,
+        )
     log(INFO, "Site %s, round %d: training loss %.4f, %.0f images/s", site, server_round,
         result.loss, result.images_per_second)
 
@@ -88,6 +102,7 @@ def train(msg: Message, context: Context) -> Message:
             "num-examples": len(train_set),
             "train-seconds": result.seconds,
             "images-per-second": result.images_per_second,
+            "local-steps": result.steps,
             "server-round": server_round,
             "class-counts": [int(count) for count in class_counts],
         }

@@ -1,4 +1,4 @@
-"""ServerApp: FedAvg or FedProx of the skin lesion classifier across sites."""
+"""ServerApp: FedAvg, FedProx or FedNova of the skin lesion classifier across sites."""
 
 import json
 import time
@@ -30,6 +30,9 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Labels (class index order): %s", ", ".join(settings.labels))
     log(INFO, "Strategy %s, model width %d: %d parameter bytes per site and round",
         settings.strategy, settings.model_width, model_bytes)
+    if settings.head_rounds:
+        log(INFO, "Rounds %d to %d are head rounds: sites retrain only the final layer",
+            settings.num_rounds + 1, task.total_rounds(settings))
 
     tracker = RoundTracker(list(settings.labels))
     options = dict(
@@ -44,18 +47,20 @@ def main(grid: Grid, context: Context) -> None:
     server_step = ServerStep(settings.server_learning_rate, settings.server_momentum)
     pooled = settings.batch_norm_statistics == "pooled"
     if settings.strategy == "fedprox":
-        strategy = with_class_counts(FedProx, tracker, server_step, pooled)(
+        strategy = with_class_counts(FedProx, tracker, settings, server_step, pooled)(
             proximal_mu=settings.proximal_mu, **options)
     else:
-        strategy = with_class_counts(FedAvg, tracker, server_step, pooled)(**options)
+        strategy = with_class_counts(FedAvg, tracker, settings, server_step, pooled)(**options)
+    # FedNova is FedAvg with the sites' changes divided by their optimiser steps.
+    strategy.normalise_steps = settings.strategy == "fednova"
     tracker.start()
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(initial_model.state_dict()),
-        num_rounds=settings.num_rounds,
+        num_rounds=task.total_rounds(settings),
     )
 
-    rounds = tracker.summarize(result, settings.num_rounds)
+    rounds = tracker.summarize(result, settings)
     for entry in rounds:
         log(INFO, "Round %d summary: %s", entry["round"], json.dumps(_scalars(entry)))
 
@@ -162,18 +167,54 @@ def pool_batch_norm_variance(contents: list[RecordDict], averaged: ArrayRecord,
     return ArrayRecord(pooled)
 
 
+def normalise_by_local_steps(contents: list[RecordDict], previous: ArrayRecord,
+                             averaged: ArrayRecord, weight_key: str) -> ArrayRecord:
+    """Replace the averaged weights with FedNova's average of per-step changes.
+
+    Under plain averaging, a site with twice the images takes about twice the
+    optimiser steps and also gets twice the weight, so it pulls the model
+    about four times as far. A small site that has most images of a rare
+    class then counts for little. Here each site's change is divided by its
+    steps, the quotients are averaged by example count, and the result is
+    scaled by the example-weighted mean step count. Batch normalisation
+    statistics and integer buffers keep the plain average.
+    """
+    weights = np.array([float(content.metric_records["metrics"][weight_key])
+                        for content in contents])
+    weights /= weights.sum()
+    steps = np.array([max(1.0, float(content.metric_records["metrics"]["local-steps"]))
+                      for content in contents])
+    effective_steps = float(np.sum(weights * steps))
+    sites = [content.array_records["arrays"] for content in contents]
+
+    normalised = {}
+    for key, array in averaged.items():
+        values = array.numpy()
+        if np.issubdtype(values.dtype, np.floating) and not key.endswith(
+                ("running_mean", "running_var")):
+            start = previous[key].numpy().astype(np.float64)
+            direction = sum(weight / count * (start - site[key].numpy().astype(np.float64))
+                            for weight, count, site in zip(weights, steps, sites))
+            values = (start - effective_steps * direction).astype(values.dtype)
+        normalised[key] = Array(np.asarray(values))
+    return ArrayRecord(normalised)
+
+
 def with_class_counts(strategy_class: type, tracker: "RoundTracker",
-                      server_step: ServerStep | None = None,
+                      settings: task.RunSettings, server_step: ServerStep | None = None,
                       pooled_statistics: bool = False) -> type:
     """Return a subclass of `strategy_class` that sends the round's pooled train class counts.
 
     Sites evaluate with these counts to turn prior-free scores into
     probabilities for the whole federation's class mix. With an active
-    `server_step`, the averaged weights also get the server's momentum step.
+    `server_step`, the averaged weights of training rounds also get the
+    server's momentum step; head rounds get the plain average, since a
+    momentum left over from training would keep moving the frozen layers.
     """
 
     class WithClassCounts(strategy_class):
         previous: ArrayRecord | None = None
+        normalise_steps = False
 
         def configure_train(self, server_round, arrays, config, grid):
             self.previous = arrays
@@ -182,6 +223,12 @@ def with_class_counts(strategy_class: type, tracker: "RoundTracker",
         def aggregate_train(self, server_round, replies):
             replies = list(replies)
             arrays, train_metrics = super().aggregate_train(server_round, replies)
+            if task.is_head_round(settings, server_round):
+                return arrays, train_metrics
+            if arrays is not None and self.normalise_steps and self.previous is not None:
+                arrays = normalise_by_local_steps(
+                    [reply.content for reply in replies if not reply.has_error()],
+                    self.previous, arrays, self.weighted_by_key)
             if arrays is not None and pooled_statistics:
                 arrays = pool_batch_norm_variance(
                     [reply.content for reply in replies if not reply.has_error()],
@@ -311,10 +358,10 @@ class RoundTracker:
             }
         )
 
-    def summarize(self, result: Result, num_rounds: int) -> list[dict]:
+    def summarize(self, result: Result, settings: task.RunSettings) -> list[dict]:
         """Return one dict per round with the aggregated metrics, None where a round has none."""
         rounds = []
-        for server_round in range(1, num_rounds + 1):
+        for server_round in range(1, task.total_rounds(settings) + 1):
             train_metrics = result.train_metrics_clientapp.get(server_round)
             eval_metrics = result.evaluate_metrics_clientapp.get(server_round)
             details = self.details.get(server_round, {})
@@ -322,6 +369,7 @@ class RoundTracker:
             rounds.append(
                 {
                     "round": server_round,
+                    "head_round": task.is_head_round(settings, server_round),
                     "train_loss": _metric(train_metrics, "train-loss"),
                     "num_train_examples": _metric(train_metrics, "num-examples"),
                     "eval_loss": _metric(eval_metrics, "eval-loss"),

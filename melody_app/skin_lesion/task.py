@@ -20,7 +20,7 @@ from torch import nn
 from skin_lesion import metrics
 from skin_lesion.sitedata import DataSettings, ImageSet
 
-STRATEGIES = ("fedavg", "fedprox")
+STRATEGIES = ("fedavg", "fedprox", "fednova")
 NORMS = ("batch", "group")
 OPTIMIZERS = ("adamw", "sgd")
 BATCH_NORM_STATISTICS = ("average", "pooled")
@@ -31,6 +31,8 @@ class RunSettings:
     """The run config, read once and checked: every site and the ServerApp share it."""
 
     num_rounds: int
+    head_rounds: int
+    head_learning_rate: float
     local_epochs: int
     learning_rate: float
     batch_size: int
@@ -67,6 +69,8 @@ def read_settings(config: Mapping[str, object]) -> RunSettings:
     labels = tuple(parse_labels(str(config["labels"])))
     settings = RunSettings(
         num_rounds=int(config["num-server-rounds"]),
+        head_rounds=int(config.get("head-rounds", 0)),
+        head_learning_rate=float(config.get("head-learning-rate", 0.01)),
         local_epochs=int(config["local-epochs"]),
         learning_rate=float(config["learning-rate"]),
         batch_size=int(config["batch-size"]),
@@ -102,6 +106,9 @@ def read_settings(config: Mapping[str, object]) -> RunSettings:
 
     checks = [
         (settings.num_rounds >= 1, "num-server-rounds", settings.num_rounds, "1 or more"),
+        (settings.head_rounds >= 0, "head-rounds", settings.head_rounds, "0 (none) or more"),
+        (settings.head_learning_rate > 0, "head-learning-rate", settings.head_learning_rate,
+         "greater than 0"),
         (settings.local_epochs >= 1, "local-epochs", settings.local_epochs, "1 or more"),
         (settings.learning_rate > 0, "learning-rate", settings.learning_rate, "greater than 0"),
         (settings.batch_size >= 1, "batch-size", settings.batch_size, "1 or more"),
@@ -247,6 +254,15 @@ class Net(nn.Module):
         # Centre the [0, 1] pixel values so the first layer starts near zero mean.
         return self.classifier(self.features(images - 0.5))
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Return the pooled features that the final layer scores."""
+        return self.features(images - 0.5).flatten(1)
+
+    @property
+    def head(self) -> nn.Linear:
+        """The final layer, which head rounds retrain alone."""
+        return self.classifier[-1]
+
 
 def build_model(settings: RunSettings) -> Net:
     return Net(len(settings.labels), settings.model_width, settings.norm)
@@ -288,6 +304,26 @@ def log_prior(class_counts: np.ndarray) -> torch.Tensor:
     return torch.tensor(np.log(frequencies), dtype=torch.float32)
 
 
+def total_rounds(settings: RunSettings) -> int:
+    """Return the rounds of a run: the training rounds, then the head rounds."""
+    return settings.num_rounds + settings.head_rounds
+
+
+def is_head_round(settings: RunSettings, server_round: int) -> bool:
+    """Return True for the rounds after num-server-rounds, which retrain only the final layer.
+
+    Sites and the ServerApp both decide from the round number, so no extra
+    message key is needed.
+    """
+    return server_round > settings.num_rounds
+
+
+def head_learning_rate(settings: RunSettings, server_round: int) -> float:
+    """Return the learning rate of a head round: a cosine decay over the head rounds alone."""
+    return round_learning_rate(settings.head_learning_rate, server_round - settings.num_rounds,
+                               settings.head_rounds)
+
+
 def round_learning_rate(base: float, server_round: int, num_rounds: int) -> float:
     """Return the learning rate of `server_round` (1-based) on a cosine decay to 5 % of `base`.
 
@@ -302,6 +338,7 @@ class TrainResult:
     loss: float  # mean class-weighted training loss per image
     seconds: float
     images_per_second: float
+    steps: int  # optimiser steps, which FedNova divides the site's update by
 
 
 def train(
@@ -348,6 +385,90 @@ def train(
 
     loss_sum = 0.0
     seen = 0
+    steps = 0
+    for images, targets in _augmented_batches(data, epochs, batch_size, generator, device):
+        optimizer.zero_grad()
+        logits = model(images)
+        if offset is not None:
+            logits = logits + offset
+        loss = criterion(logits, targets)
+        total = loss
+        if proximal_mu > 0:
+            distance = sum(
+                (parameter - start_value).pow(2).sum()
+                for parameter, start_value in zip(model.parameters(), anchor)
+            )
+            total = loss + proximal_mu / 2 * distance
+        total.backward()
+        optimizer.step()
+
+        loss_sum += loss.item() * len(targets)
+        seen += len(targets)
+        steps += 1
+    seconds = time.perf_counter() - started
+    return TrainResult(loss=loss_sum / seen, seconds=seconds, images_per_second=seen / seconds,
+                       steps=steps)
+
+
+def train_head(
+    model: Net,
+    data: ImageSet,
+    *,
+    epochs: int,
+    learning_rate: float,
+    batch_size: int,
+    class_weight: torch.Tensor,
+    device: torch.device,
+    seed: int,
+    train_log_prior: torch.Tensor | None = None,
+) -> TrainResult:
+    """Retrain only the final layer of `model`, on features of the frozen rest.
+
+    The rest of the model runs in evaluation mode, so the final layer learns
+    from the features that evaluation will see: with the averaged batch
+    normalisation statistics, not those of the site's own label mix, which
+    differ under label skew. Batches are augmented as in `train`, and
+    `train_log_prior` works as there. Running statistics and every other
+    weight stay unchanged.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs={epochs} and batch_size={batch_size} must both be 1 or more.")
+
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device)
+    model.eval()
+    head = model.head
+    criterion = nn.CrossEntropyLoss(weight=class_weight.to(device))
+    optimizer = torch.optim.Adam(head.parameters(), lr=learning_rate, weight_decay=1e-4)
+    offset = None if train_log_prior is None else train_log_prior.to(device)
+
+    loss_sum = 0.0
+    seen = 0
+    steps = 0
+    for images, targets in _augmented_batches(data, epochs, batch_size, generator, device):
+        with torch.no_grad():
+            features = model.embed(images)
+
+        optimizer.zero_grad()
+        logits = head(features)
+        if offset is not None:
+            logits = logits + offset
+        loss = criterion(logits, targets)
+        loss.backward()
+        optimizer.step()
+
+        loss_sum += loss.item() * len(targets)
+        seen += len(targets)
+        steps += 1
+    seconds = time.perf_counter() - started
+    return TrainResult(loss=loss_sum / seen, seconds=seconds, images_per_second=seen / seconds,
+                       steps=steps)
+
+
+def _augmented_batches(data: ImageSet, epochs: int, batch_size: int,
+                       generator: torch.Generator, device: torch.device):
+    """Yield augmented (images, targets) batches for `epochs` shuffled passes over `data`."""
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=generator)
         # A last batch of one image would break batch normalisation.
@@ -356,27 +477,7 @@ def train(
         for start in starts:
             indices = order[start : start + batch_size]
             images = augment(scale(data.images[indices]), generator).to(device)
-            targets = data.targets[indices].to(device)
-
-            optimizer.zero_grad()
-            logits = model(images)
-            if offset is not None:
-                logits = logits + offset
-            loss = criterion(logits, targets)
-            total = loss
-            if proximal_mu > 0:
-                distance = sum(
-                    (parameter - start_value).pow(2).sum()
-                    for parameter, start_value in zip(model.parameters(), anchor)
-                )
-                total = loss + proximal_mu / 2 * distance
-            total.backward()
-            optimizer.step()
-
-            loss_sum += loss.item() * len(indices)
-            seen += len(indices)
-    seconds = time.perf_counter() - started
-    return TrainResult(loss=loss_sum / seen, seconds=seconds, images_per_second=seen / seconds)
+            yield images, data.targets[indices].to(device)
 
 
 def scale(pixels: torch.Tensor) -> torch.Tensor:
