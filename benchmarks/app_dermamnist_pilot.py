@@ -5,8 +5,9 @@
 It trains on the same shards as benchmarks/app_dermamnist.py with the app's
 own task code (task.train, task.train_head in head rounds, task.evaluate).
 It aggregates the sites in a plain loop instead of the ServerApp and
-ClientApps. It evaluates only every `eval-every` rounds and after the last one. The last evaluation also scores
-the pooled log prior scaled by 1, 0.75, 0.5 and 0 (0: no prior), to show how
+ClientApps. It evaluates only every `eval-every` rounds and after the last
+one. The last evaluation also scores the pooled log prior scaled by 1,
+0.75, 0.5 and 0 (0: no prior), to show how
 the evaluation prior trades accuracy against balanced accuracy. With the
 defaults its central side gives the benchmark's central figures.
 
@@ -135,7 +136,7 @@ def main() -> int:
             entry["eval"] = evaluate(model, last)
         print(name, side, json.dumps(entry), flush=True)
 
-    # Head rounds: the final layer alone; the sites' layers are averaged without a server step.
+    # Head rounds train the final layer alone. The sites' layers are averaged without a server step.
     for server_round in range(settings.num_rounds + 1, task.total_rounds(settings) + 1):
         options = dict(epochs=settings.local_epochs, batch_size=settings.batch_size,
                        learning_rate=task.head_learning_rate(settings, server_round),

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supernodes", type=int, default=2, help="number of SuperNode hosts (default 2)")
     parser.add_argument("--rounds", type=int, default=3, help="federated rounds to train (default 3)")
     parser.add_argument("--head-rounds", type=int, default=2,
-                        help="rounds after those that retrain only the final layer (default 2)")
+                        help="rounds after --rounds that retrain only the final layer (default 2)")
     args = parser.parse_args(argv)
 
     python = str(BIN / "python")

@@ -43,7 +43,7 @@ def train_reply(loss: float, num_examples: int, server_round: int = 1) -> Record
     values = MetricRecord({"train-loss": loss, "num-examples": num_examples,
                            "server-round": server_round,
                            "train-seconds": 2.0, "images-per-second": num_examples / 2.0,
-                           "class-counts": [num_examples, 0]})
+                           "local-steps": 5, "class-counts": [num_examples, 0]})
     arrays = ArrayRecord({"weight": torch.zeros(10, dtype=torch.float32)})
     return RecordDict({"metrics": values, "arrays": arrays,
                        "site": ConfigRecord({"site": "a", "device": "cpu", "data": "x"})})
@@ -160,7 +160,7 @@ def test_pooled_batch_norm_variance_by_hand() -> None:
     assert pooled["weight"].numpy().tolist() == pytest.approx([1.0])
 
 
-def test_head_round_gets_the_plain_average(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_head_round_skips_server_momentum(monkeypatch: pytest.MonkeyPatch) -> None:
     # Flower stamps each new message with the identity of the task that makes it.
     for name in ("_run_id", "_task_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, name, 1)

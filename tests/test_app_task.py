@@ -186,7 +186,7 @@ def test_fedprox_keeps_weights_closer(dermamnist: sitedata.SiteData) -> None:
     assert distances[1.0] < distances[0.0]
 
 
-def test_head_rounds_follow_the_training_rounds() -> None:
+def test_head_rounds_follow_training_rounds() -> None:
     config = default_config()
     config.update({"num-server-rounds": 3, "head-rounds": 2})
     settings = task.read_settings(config)
@@ -196,7 +196,7 @@ def test_head_rounds_follow_the_training_rounds() -> None:
         False, False, False, True, True]
 
 
-def test_train_head_changes_only_the_final_layer(dermamnist: sitedata.SiteData) -> None:
+def test_train_head_changes_only_final_layer(dermamnist: sitedata.SiteData) -> None:
     train_set = dermamnist.splits["train"]
     counts = task.count_labels(train_set, 7)
     torch.manual_seed(0)

@@ -208,7 +208,7 @@ def test_federated_run_completes(deployed, tmp_path):
         assert f'root-certificates = "{flwr_home / "lab-ca.pem"}"' in config
 
         # One epoch and one thread per site keep this run short on the shared 2-core
-        # machine; one head round checks that phase through the real deployment.
+        # machine. One head round checks that phase through the real deployment.
         run = run_flwr(["run", "melody_app", "lab", "--stream", "--run-config",
                         "num-server-rounds=2 head-rounds=1 local-epochs=1 cpu-threads=1"],
                        flwr_home, timeout=900)

@@ -51,8 +51,6 @@ def main(grid: Grid, context: Context) -> None:
             proximal_mu=settings.proximal_mu, **options)
     else:
         strategy = with_class_counts(FedAvg, tracker, settings, server_step, pooled)(**options)
-    # FedNova is FedAvg with the sites' changes divided by their optimiser steps.
-    strategy.normalise_steps = settings.strategy == "fednova"
     tracker.start()
     result = strategy.start(
         grid=grid,
@@ -206,15 +204,17 @@ def with_class_counts(strategy_class: type, tracker: "RoundTracker",
     """Return a subclass of `strategy_class` that sends the round's pooled train class counts.
 
     Sites evaluate with these counts to turn prior-free scores into
-    probabilities for the whole federation's class mix. With an active
-    `server_step`, the averaged weights of training rounds also get the
-    server's momentum step; head rounds get the plain average, since a
-    momentum left over from training would keep moving the frozen layers.
+    probabilities for the whole federation's class mix. With strategy
+    "fednova", the average of a training round is FedNova's. With an active
+    `server_step`, training rounds also get the server's momentum step. Head
+    rounds keep the plain average, because momentum left over from training
+    would keep moving the frozen layers.
     """
+    # FedNova is FedAvg with the sites' changes divided by their optimiser steps.
+    normalise_steps = settings.strategy == "fednova"
 
     class WithClassCounts(strategy_class):
         previous: ArrayRecord | None = None
-        normalise_steps = False
 
         def configure_train(self, server_round, arrays, config, grid):
             self.previous = arrays
@@ -225,14 +225,13 @@ def with_class_counts(strategy_class: type, tracker: "RoundTracker",
             arrays, train_metrics = super().aggregate_train(server_round, replies)
             if task.is_head_round(settings, server_round):
                 return arrays, train_metrics
-            if arrays is not None and self.normalise_steps and self.previous is not None:
-                arrays = normalise_by_local_steps(
-                    [reply.content for reply in replies if not reply.has_error()],
-                    self.previous, arrays, self.weighted_by_key)
+
+            contents = [reply.content for reply in replies if not reply.has_error()]
+            if arrays is not None and normalise_steps and self.previous is not None:
+                arrays = normalise_by_local_steps(contents, self.previous, arrays,
+                                                  self.weighted_by_key)
             if arrays is not None and pooled_statistics:
-                arrays = pool_batch_norm_variance(
-                    [reply.content for reply in replies if not reply.has_error()],
-                    arrays, self.weighted_by_key)
+                arrays = pool_batch_norm_variance(contents, arrays, self.weighted_by_key)
             if arrays is not None and server_step is not None and server_step.active \
                     and self.previous is not None:
                 arrays = server_step.apply(self.previous, arrays)

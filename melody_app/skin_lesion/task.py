@@ -338,7 +338,7 @@ class TrainResult:
     loss: float  # mean class-weighted training loss per image
     seconds: float
     images_per_second: float
-    steps: int  # optimiser steps, which FedNova divides the site's update by
+    steps: int  # optimiser steps taken, so that FedNova can divide the site's change by them
 
 
 def train(
@@ -425,9 +425,9 @@ def train_head(
     """Retrain only the final layer of `model`, on features of the frozen rest.
 
     The rest of the model runs in evaluation mode, so the final layer learns
-    from the features that evaluation will see: with the averaged batch
-    normalisation statistics, not those of the site's own label mix, which
-    differ under label skew. Batches are augmented as in `train`, and
+    from the features that evaluation will see. Those use the averaged batch
+    normalisation statistics, which differ from the statistics of the site's
+    own label mix under label skew. Batches are augmented as in `train`, and
     `train_log_prior` works as there. Running statistics and every other
     weight stay unchanged.
     """
