@@ -86,6 +86,16 @@ def main() -> int:
                                          "macro_auc": round(result.macro_auc, 4)}
         return scores
 
+    def report_round(model: torch.nn.Module, server_round: int) -> dict:
+        """Print and return the round entry: seconds since the start, and scores every
+        `eval-every` rounds and after the last one."""
+        entry = {"round": server_round, "seconds": round(time.time() - started)}
+        last = server_round == task.total_rounds(settings)
+        if last or (eval_every and server_round % eval_every == 0):
+            entry["eval"] = evaluate(model, last)
+        print(name, side, json.dumps(entry), flush=True)
+        return entry
+
     torch.manual_seed(settings.seed)
     model = task.build_model(settings)
     velocity: dict[str, torch.Tensor] = {}
@@ -130,11 +140,7 @@ def main() -> int:
                 new[key] = value.to(old.dtype)
             model.load_state_dict(new)
 
-        entry = {"round": server_round, "seconds": round(time.time() - started)}
-        last = server_round == task.total_rounds(settings)
-        if last or (eval_every and server_round % eval_every == 0):
-            entry["eval"] = evaluate(model, last)
-        print(name, side, json.dumps(entry), flush=True)
+        entry = report_round(model, server_round)
 
     # Head rounds train the final layer alone. The sites' layers are averaged without a server step.
     for server_round in range(settings.num_rounds + 1, task.total_rounds(settings) + 1):
@@ -160,11 +166,7 @@ def main() -> int:
                 key: sum(float(weight) * head[key] for weight, head in zip(weights, heads))
                 / weights.sum() for key in heads[0]})
 
-        entry = {"round": server_round, "seconds": round(time.time() - started)}
-        last = server_round == task.total_rounds(settings)
-        if last or (eval_every and server_round % eval_every == 0):
-            entry["eval"] = evaluate(model, last)
-        print(name, side, json.dumps(entry), flush=True)
+        entry = report_round(model, server_round)
 
     with (OUT / "pilots.jsonl").open("a") as handle:
         handle.write(json.dumps({"name": name, "side": side, "args": sys.argv[3:],

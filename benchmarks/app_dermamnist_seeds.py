@@ -33,7 +33,8 @@ def read_summary(folder: Path) -> dict:
                  "after its federated and central parts.")
     summary = json.loads(path.read_text())["summary"]
     if "central" not in summary:
-        sys.exit(f"{path} has no central side: run --part central for {folder}, then --part report.")
+        sys.exit(f"{path} has no central side: run --part central for {folder}, "
+                 "then --part report.")
     return {"folder": str(folder), "seed": summary["run_config"]["seed"],
             "federated": summary["federated"], "central": summary["central"],
             "ratios": summary["ratios"]}
@@ -59,7 +60,7 @@ def combine(seeds: list[dict]) -> dict:
     }
 
 
-def _figures(values: dict) -> str:
+def _format_figures(values: dict) -> str:
     return " / ".join(f"{values[key]:.3f}" for key in FIGURES)
 
 
@@ -75,12 +76,12 @@ def main() -> int:
 
     print("seed  federated acc / bal acc / AUC  central acc / bal acc / AUC  ratios (bal acc, AUC)")
     for seed in seeds:
-        print(f"{seed['seed']:>4}  {_figures(seed['federated']):<30} "
-              f"{_figures(seed['central']):<28} {seed['ratios']['balanced_accuracy']:.3f}, "
+        print(f"{seed['seed']:>4}  {_format_figures(seed['federated']):<30} "
+              f"{_format_figures(seed['central']):<28} {seed['ratios']['balanced_accuracy']:.3f}, "
               f"{seed['ratios']['macro_auc']:.3f}")
     ratios = result["ratios_of_means"]
-    print(f"mean  {_figures(result['mean']['federated']):<30} "
-          f"{_figures(result['mean']['central']):<28} {ratios['balanced_accuracy']:.3f}, "
+    print(f"mean  {_format_figures(result['mean']['federated']):<30} "
+          f"{_format_figures(result['mean']['central']):<28} {ratios['balanced_accuracy']:.3f}, "
           f"{ratios['macro_auc']:.3f}")
     print("targets met by the means:", json.dumps(result["targets_met_by_means"]))
 
